@@ -1,0 +1,204 @@
+"""The watchdog's policy and probes, without an API: decide(), the idle clock, exit codes, in-flight writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import pytest
+
+from infra import watchdog as wd
+
+pytestmark = pytest.mark.unit
+
+
+def settings(tmp_path, **kw):
+    base = dict(job_dir=tmp_path / "jobs" / "train", pod_id="pod1", idle_minutes=10, max_runtime_hours=2,
+                budget_usd=0, poll_s=30)
+    base.update(kw)
+    return wd.Settings(**base)
+
+
+def obs(now, exit_code=None, gpu=(90,), rate=2.69, uptime=0.0):
+    return wd.Observation(now=now, exit_code=exit_code, gpu_util=list(gpu) if gpu is not None else None,
+                          usd_per_hour=rate, uptime_s=uptime)
+
+
+def test_job_end_stops_whatever_the_exit_code(tmp_path):
+    s = settings(tmp_path)
+    st = wd.State(pod_id="pod1", started_at=0)
+    for code in (0, 1, 137, -1):
+        d = wd.decide(s, st, obs(10, exit_code=code))
+        assert d.stop and d.reason == "job-ended" and str(code) in d.detail
+
+
+def test_running_busy_job_is_left_alone(tmp_path):
+    s = settings(tmp_path)
+    st = wd.State(pod_id="pod1", started_at=0)
+    o = obs(600, gpu=(97, 88))
+    wd.update_idle(s, st, o)
+    assert wd.decide(s, st, o) == wd.Decision(False, "ok", "")
+
+
+def test_idle_clock_starts_resets_and_fires(tmp_path):
+    s = settings(tmp_path, idle_minutes=10)
+    st = wd.State(pod_id="pod1", started_at=0)
+    seq = [(0, (0,)), (300, (2, 1)), (500, (60,)), (600, (0,)), (1150, None), (1199, (3,)), (1200, (0,))]
+    decisions = []
+    for t, g in seq:
+        o = obs(t, gpu=g)
+        wd.update_idle(s, st, o)
+        decisions.append((t, wd.decide(s, st, o).reason))
+    # busy at 500 resets the clock started at 0; the idle run from 600 reaches 10 min at 1200;
+    # an unknown sample (None) at 1150 neither resets nor extends it
+    assert st.idle_since == 600
+    assert [r for _, r in decisions] == ["ok"] * 6 + ["idle"]
+
+
+def test_one_busy_gpu_of_several_means_busy(tmp_path):
+    s = settings(tmp_path, idle_minutes=1)
+    st = wd.State(pod_id="pod1", started_at=0)
+    for t in (0, 120):
+        o = obs(t, gpu=(0, 0, 45, 0))
+        wd.update_idle(s, st, o)
+    assert st.idle_since is None and not wd.decide(s, st, o).stop
+
+
+def test_no_gpu_reading_never_counts_as_idle(tmp_path):
+    s = settings(tmp_path, idle_minutes=1)
+    st = wd.State(pod_id="pod1", started_at=0)
+    for t in range(0, 3600, 60):
+        o = obs(t, gpu=None)
+        wd.update_idle(s, st, o)
+        assert not wd.decide(s, st, o).stop
+
+
+def test_max_runtime_uses_the_longer_uptime(tmp_path):
+    s = settings(tmp_path, max_runtime_hours=2, idle_minutes=0)
+    st = wd.State(pod_id="pod1", started_at=0)
+    assert not wd.decide(s, st, obs(3600, uptime=3600)).stop
+    d = wd.decide(s, st, obs(3600, uptime=7200))
+    assert d.stop and d.reason == "max-runtime"
+
+
+def test_budget_counts_billed_plus_this_session_up_to_next_check(tmp_path):
+    s = settings(tmp_path, budget_usd=10, idle_minutes=0, max_runtime_hours=0, poll_s=30)
+    st = wd.State(pod_id="pod1", started_at=1000, billed_before_usd=7.0)
+    rate = 2.69
+    # crossing time: 7 + rate * (elapsed + 90 s) / 3600 = 10
+    cross = (3.0 / rate) * 3600 - 90
+    assert not wd.decide(s, st, obs(1000 + cross - 5, rate=rate)).stop
+    d = wd.decide(s, st, obs(1000 + cross + 1, rate=rate))
+    assert d.stop and d.reason == "budget" and "$10.00" in d.detail
+
+
+def test_zero_turns_checks_off(tmp_path):
+    s = settings(tmp_path, budget_usd=0, idle_minutes=0, max_runtime_hours=0)
+    st = wd.State(pod_id="pod1", started_at=0, idle_since=0, billed_before_usd=1e6)
+    assert not wd.decide(s, st, obs(10 ** 7, gpu=(0,), uptime=10 ** 7)).stop
+
+
+def test_precedence_job_end_first(tmp_path):
+    s = settings(tmp_path, budget_usd=1, max_runtime_hours=1, idle_minutes=1)
+    st = wd.State(pod_id="pod1", started_at=0, idle_since=0, billed_before_usd=100)
+    assert wd.decide(s, st, obs(10 ** 5, exit_code=0, gpu=(0,), uptime=10 ** 5)).reason == "job-ended"
+    assert wd.decide(s, st, obs(10 ** 5, gpu=(0,), uptime=10 ** 5)).reason == "budget"
+
+
+def test_settings_validation(tmp_path):
+    with pytest.raises(ValueError, match="RUNPOD_POD_ID"):
+        settings(tmp_path, pod_id="")
+    with pytest.raises(ValueError, match="--budget-usd"):
+        settings(tmp_path, budget_usd=-1)
+    s = settings(tmp_path)
+    assert s.flush_dirs == [tmp_path / "jobs" / "train", tmp_path / "outputs"]
+
+
+def test_read_exit_code(tmp_path):
+    assert wd.read_exit_code(tmp_path) is None
+    (tmp_path / "exit_code").write_text("3\n")
+    assert wd.read_exit_code(tmp_path) == 3
+    (tmp_path / "exit_code").write_text("garbage")
+    assert wd.read_exit_code(tmp_path) == -1
+
+
+def test_in_flight_writes_sees_fresh_temp_files_only(tmp_path):
+    out = tmp_path / "outputs" / "run1"
+    out.mkdir(parents=True)
+    (out / "step_0000100.pt").write_bytes(b"done")  # a finished checkpoint: never waited for
+    fresh = out / "step_0000200.pt.tmp"
+    fresh.write_bytes(b"half")
+    stale = out / "old.partial"
+    stale.write_bytes(b"abandoned")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    tmpdir = out / ".tmp-global_step300"
+    tmpdir.mkdir()
+    (tmpdir / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (tmp_path / "outputs" / ".watchdog.json.1.tmp").write_text("{}")  # our own state file: ignored
+    found = wd.in_flight_writes([tmp_path / "outputs"], wd.DEFAULT_TEMP_GLOBS, time.time(), quiet_s=30)
+    assert set(found) == {fresh, tmpdir}
+
+
+def test_nvidia_smi_probe_parses_and_fails_safe(tmp_path):
+    script = tmp_path / "smi"
+    script.write_text("#!/bin/sh\nprintf '12\\n 0 \\n97 %%\\n'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    assert wd.nvidia_smi_probe(str(script)) == [12, 0, 97]
+    bad = tmp_path / "bad"
+    bad.write_text("#!/bin/sh\necho '[N/A]'\n")
+    bad.chmod(0o755)
+    assert wd.nvidia_smi_probe(str(bad)) is None
+    assert wd.nvidia_smi_probe(str(tmp_path / "missing")) is None
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2; exit 9\n")
+    failing.chmod(0o755)
+    assert wd.nvidia_smi_probe(str(failing)) is None
+
+
+def test_health_from_state_text():
+    now = 10_000.0
+    live = wd.State(pod_id="p", started_at=0, last_check=now - 20, poll_s=30, projected_usd=4.5)
+    h = wd.health(json.dumps(live.__dict__), now)
+    assert h.running and "watching" in h.message and "$4.50" in h.message
+    dead = wd.State(pod_id="p", started_at=0, last_check=now - 1000, poll_s=30)
+    h = wd.health(json.dumps(dead.__dict__), now)
+    assert not h.running and "NOT RUNNING" in h.message and "fab teardown" in h.message
+    done = wd.State(pod_id="p", started_at=0, last_check=now - 1000, outcome="stopped", reason="idle")
+    assert "stopped the pod (idle)" in wd.health(json.dumps(done.__dict__), now).message
+    failing = wd.State(pod_id="p", started_at=0, last_check=now - 5, outcome="stop-failing", reason="budget")
+    assert "FAILING" in wd.health(json.dumps(failing.__dict__), now).message
+    assert "will NOT stop" in wd.health("", now).message
+
+
+def test_cli_defaults_come_from_the_pod_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNPOD_POD_ID", "envpod")
+    monkeypatch.setenv("ULTRASHAPE_BUDGET_USD", "150")
+    monkeypatch.setenv("ULTRASHAPE_AUTOSTOP_IDLE_MINUTES", "30")
+    monkeypatch.setenv("ULTRASHAPE_MAX_RUNTIME_HOURS", "48")
+    monkeypatch.delenv("ULTRASHAPE_STACK", raising=False)
+    args = wd.build_parser().parse_args(["--job-dir", str(tmp_path / "j")])
+    s = wd.settings_from_args(args)
+    assert (s.pod_id, s.budget_usd, s.idle_minutes, s.max_runtime_hours) == ("envpod", 150, 30, 48)
+    args = wd.build_parser().parse_args(["--job-dir", str(tmp_path / "j"), "--idle-minutes", "0",
+                                         "--budget-usd", "5", "--pod-id", "p2"])
+    s = wd.settings_from_args(args)
+    assert (s.pod_id, s.budget_usd, s.idle_minutes) == ("p2", 5, 0)
+
+
+def test_cli_refuses_without_pod_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
+    with pytest.raises(SystemExit):
+        wd.main(["--job-dir", str(tmp_path / "j"), "--no-supervisor"])
+    assert "RUNPOD_POD_ID" in capsys.readouterr().err
+
+
+def test_state_survives_a_round_trip(tmp_path):
+    st = wd.State(pod_id="p", started_at=5.0, idle_since=7.0, billed_before_usd=1.5, restarts=2)
+    st.save(tmp_path / "watchdog.json")
+    back = wd.State.load(tmp_path / "watchdog.json")
+    assert back == st
+    (tmp_path / "bad.json").write_text("{not json")
+    assert wd.State.load(tmp_path / "bad.json") is None

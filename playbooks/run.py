@@ -1,0 +1,259 @@
+"""Training and watching it: train, status, logs, tensorboard, fetch."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from fabric import task
+
+from playbooks.common import (
+    INPUT,
+    OUTPUTS,
+    STACK_HELP,
+    config_path,
+    fmt_duration,
+    follow_job,
+    last_metrics,
+    latest_run,
+    py,
+    run_job,
+    say,
+    target,
+)
+from playbooks.prepare import do_process, do_setup, do_sync, do_weights, processing_done, weights_paths
+from remote import jobs, sync as rsync
+from remote.target import REPO, Target
+
+TRAIN_HELP = {
+    "stack": STACK_HELP,
+    "config": "training config (default configs/train_dit_refine.yaml)",
+    "tiny": "the CPU-sized configs for processing and training (configs/*-tiny.yaml)",
+    "src": "local meshes to sync first (default data/input; skipped if absent)",
+    "limit": "sync only the first N meshes",
+    "fresh": "start a new run even if an earlier one can be resumed",
+    "follow": "stream the log (Ctrl-C detaches; training goes on)",
+    "overrides": "training config overrides, e.g. \"train.max_steps=2000 optim.lr=5e-6\"",
+}
+
+
+def start_watchdog(t: Target) -> None:
+    """Start the pod's autostop watchdog (infra/watchdog.py) beside a GPU job; never on this machine."""
+    if t.kind != "pod":
+        return
+    st = jobs.state(t, "watchdog")
+    if st.state == "running":
+        return
+    jobs.start(t, "watchdog", py(t, "infra.watchdog", "--stack", t.name))
+    say(f"[{t.name}] watchdog started: the pod stops itself when idle or over budget (`fab logs --job watchdog`)")
+
+
+def needs_weights(config: str) -> str | None:
+    """The `model.weights` path the training config names, if any (relative to the workspace)."""
+    try:
+        data = yaml.safe_load((REPO / config).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    w = (data.get("model") or {}).get("weights")
+    return str(w) if w else None
+
+
+def can_resume(t: Target) -> bool:
+    q = shlex.quote(t.path(OUTPUTS))
+    return t.run(f"ls {q}/*/checkpoints/latest >/dev/null 2>&1", check=False).ok
+
+
+@task(help=TRAIN_HELP)
+def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=False, follow=True, overrides=""):
+    """Do whatever is missing (setup, sync, process, weights), then train detached and follow it."""
+    train_cfg = config_path("train", config, tiny)
+    tiny = tiny or train_cfg.endswith("-tiny.yaml")
+    proc_cfg = config_path("processing", None, tiny)
+    with target(stack) as t:
+        st = jobs.state(t, "train")
+        if st.state == "running":
+            say(f"[{t.name}] training is already running; following it (Ctrl-C detaches)")
+            if follow:
+                follow_job(t, "train")
+            return
+        do_setup(t)
+        synced = None
+        if Path(src).is_dir():
+            synced = do_sync(t, src, limit)
+        elif not t.exists(t.path(INPUT)):
+            raise SystemExit(f"error: {src}: no meshes here and none on {t.name}; put meshes in {src} or pass --src DIR")
+        if synced is None or synced.transferred > 0 or not processing_done(t):
+            do_process(t, proc_cfg)
+        else:
+            say(f"[{t.name}] process: data/output is up to date with data/input")
+        w = needs_weights(train_cfg)
+        if w and not t.exists(t.path(w)):
+            do_weights(t)
+        args = ["--config", train_cfg]
+        if not fresh and can_resume(t):
+            args += ["--resume", "latest"]
+            say(f"[{t.name}] resuming the latest run (--fresh starts a new one)")
+        args += shlex.split(overrides or "")
+        gpus = t.pod.gpu_count if t.kind == "pod" and t.pod is not None else 1
+        if gpus > 1:
+            # One process per GPU on the pod's one host; DeepSpeed's launcher sets the ranks.
+            cmd = " ".join([shlex.quote(t.venv + "/bin/deepspeed"), "--num_gpus", str(gpus), "-m", "ml.training",
+                            *map(shlex.quote, args)])
+        else:
+            cmd = py(t, "ml.training", *args)
+        start_watchdog(t)
+        run_job(t, "train", cmd, follow=follow)
+        if follow:
+            status_lines(t)
+
+
+def status_lines(t: Target) -> None:
+    run = latest_run(t)
+    if not run:
+        print("training: no run yet")
+        return
+    tr, val = last_metrics(t, run)
+    st = jobs.state(t, "train")
+    if tr:
+        step, total = tr.get("step"), tr.get("max_steps")
+        pct = f" ({100 * step / total:.0f}%)" if step is not None and total else ""
+        eta = tr.get("eta_s")
+        eta_txt = f", ETA {fmt_duration(eta)}" if st.state == "running" and eta is not None else ""
+        v = f", val {val['val_loss']:.4f}" if val and "val_loss" in val else ""
+        print(f"training: {run}: step {step}/{total}{pct}, loss {tr['loss']:.4f}{v}, lr {tr.get('lr', 0):.2e}{eta_txt}")
+    else:
+        print(f"training: {run}: no step logged yet")
+    print(f"  job: {st.state}" + (f" (exit {st.exit_code})" if st.exit_code is not None else ""))
+
+
+def gpu_lines(t: Target) -> list[str]:
+    r = t.run(
+        "command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used,memory.total "
+        "--format=csv,noheader,nounits",
+        check=False,
+    )
+    out = []
+    for line in r.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 5:
+            i, name, util, used, tot = parts
+            out.append(f"  gpu {i} {name}: {util}% busy, {float(used) / 1024:.1f}/{float(tot) / 1024:.0f} GB")
+    return out
+
+
+def spend_line(t: Target) -> str | None:
+    """$ billed so far for the stack's pod (infra/cost.py over the billing API)."""
+    if t.kind != "pod" or t.pod is None:
+        return None
+    try:
+        from infra.cost import stack_spend
+
+        vols = [t.pod.network_volume_id] if t.pod.network_volume_id else []
+        sp = stack_spend(t.client, t.name, [t.pod.id], vols, budget_usd=t.config.budget_usd or None)
+        return "; ".join(sp.lines())
+    except Exception as e:  # noqa: BLE001 - status must show the rest even when billing is unreachable
+        return f"cost: unavailable ({e})"
+
+
+@task(help={"stack": STACK_HELP})
+def status(c, stack=None):
+    """Pod state, GPU use, training step, loss, ETA, and $ spent so far."""
+    from remote.stack import default_stack
+
+    name = stack or default_stack()
+    if name != "local":
+        from remote.stack import PodTarget
+
+        pt = PodTarget(name, start=False, log=say)
+        try:
+            pod = pt.find_pod()
+        except Exception as e:  # noqa: BLE001
+            raise SystemExit(f"error: {e}") from None
+        if pod is None:
+            print(f"{name}: no pod (create it with `pulumi up --stack {name}`)")
+            return
+        gpu = f"{pod.gpu_count}x {pod.gpu_type_id}" if pod.gpu_type_id else "no GPU"
+        print(f"{name}: pod {pod.id} {pod.status}, {gpu}, ${pod.cost_per_hr:.2f}/h now")
+        line = spend_line(pt)
+        if line:
+            print(f"  {line}")
+        if pod.status != "RUNNING":
+            print(f"  (stopped: nothing runs and the GPU is not billed; `fab train --stack {name}` starts it)")
+            return
+    with target(name) as t:
+        for line in gpu_lines(t):
+            print(line)
+        for job in ("process", "weights", "train", "serve"):
+            s = jobs.state(t, job)
+            if s.state != "absent" and job != "train":
+                print(f"  {job}: {s.state}" + (f" (exit {s.exit_code})" if s.exit_code is not None else ""))
+        status_lines(t)
+
+
+@task(help={"stack": STACK_HELP, "job": "train, process, weights, setup, serve, watchdog, tensorboard",
+            "follow": "keep streaming until the job ends (Ctrl-C detaches)", "lines": "how many lines to show"})
+def logs(c, stack=None, job="train", follow=False, lines=50):
+    """Show a job's log (--follow reattaches to a running job)."""
+    with target(stack) as t:
+        st = jobs.state(t, job)
+        if st.state == "absent":
+            raise SystemExit(f"error: no job '{job}' on {t.name}")
+        if follow:
+            jobs.follow(t, job)
+        else:
+            sys.stdout.write(jobs.tail(t, job, int(lines)))
+            print(f"[{job}: {st.state}" + (f", exit {st.exit_code}]" if st.exit_code is not None else "]"))
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+@task(help={"stack": STACK_HELP, "port": "TensorBoard's port on the target and (if free) here"})
+def tensorboard(c, stack=None, port=6006):
+    """Run TensorBoard on the target over outputs/ and tunnel it here (Ctrl-C closes the tunnel)."""
+    port = int(port)
+    with target(stack) as t:
+        if jobs.state(t, "tensorboard").state != "running":
+            jobs.start(t, "tensorboard", py(t, "tensorboard.main", "--logdir", OUTPUTS, "--port", str(port),
+                                             "--host", "127.0.0.1"))
+        if t.kind == "local":
+            print(f"TensorBoard: http://127.0.0.1:{port}  (stop: `fab teardown --stack local`)")
+            return
+        local = _free_port(port)
+        proc = subprocess.Popen(t.tunnel_argv(local, port))
+        print(f"TensorBoard: http://127.0.0.1:{local}  (tunnel to {t.name}; Ctrl-C closes it)")
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+
+
+@task(help={"stack": STACK_HELP, "run": "run id under outputs/ (default: the latest)",
+            "dest": "local folder (default outputs/)", "checkpoints": "also the resumable checkpoints (large)"})
+def fetch(c, stack=None, run=None, dest=OUTPUTS, checkpoints=False):
+    """Bring a run home: export/ (the trained model), metrics, loss curve, config (resumable)."""
+    with target(stack) as t:
+        run = run or latest_run(t)
+        if not run:
+            raise SystemExit(f"error: no run under {OUTPUTS}/ on {t.name}")
+        home = Path(dest) / run
+        excludes = () if checkpoints else ("checkpoints/",)
+        res = rsync.pull(t, t.path(OUTPUTS, run), home, excludes=excludes)
+        print(f"{run}: {res.transferred} files fetched ({res.bytes_sent / 1e6:.1f} MB sent up, into {home})")
+        export = home / "export"
+        if export.is_dir():
+            print(f"  trained model: {export}")

@@ -1,0 +1,353 @@
+"""RefineDiT: UltraShape 1.0's refine diffusion transformer, in our own code.
+
+Weight-compatible with the `dit` part of the released checkpoint (parameter names and shapes are
+the official ones, see tests/data/official/dit_keys.json). What it computes, per step:
+
+    tokens = [timestep token, x_embedder(latents)]                       # (B, 1+N, C)
+    21 blocks: (long skip from block depth-1-i, for i > depth//2) -> self-attention with 3-D RoPE
+               on integer voxel indices -> cross-attention to DINOv2 tokens -> MLP or MoE (last 6)
+    final_layer drops the timestep token and projects back to the latent width: velocity (B, N, 64)
+
+Two details are easy to get wrong and change every number:
+- Heads are not a plain split of each projection. The official code concatenates q, k and v
+  along channels and reshapes that to (heads, 3 * head_dim): head h reads channels
+  [3*hd*h, 3*hd*(h+1)) of the concatenation, whose first third is "its" q, etc. So for most heads
+  "q" actually comes from the k or v projection's weights. We reproduce that layout (it is what the
+  checkpoint was trained with); see `_interleaved_heads`.
+- RoPE runs on the timestep token too, with angle 0 (cos=1, sin=0), and uses `rotate_half`
+  (first half / second half of head_dim, not even/odd pairs), frequencies split 42/42/44 over x/y/z
+  for head_dim 128.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RefineDiTConfig:
+    in_channels: int = 64  # latent width (the VAE's embed_dim)
+    hidden_size: int = 2048  # token width C
+    context_dim: int = 1024  # width of the image tokens (DINOv2-L hidden size)
+    depth: int = 21  # number of blocks; blocks > depth//2 take a long skip
+    num_heads: int = 16  # head_dim = hidden_size / num_heads (128 officially; must be a multiple of 8)
+    qkv_bias: bool = False  # bias on to_q/to_k/to_v (off in the release)
+    qk_norm: bool = True  # RMS norm over head_dim on q and k, eps 1e-6
+    num_moe_layers: int = 6  # the last N blocks use a mixture of experts instead of the MLP
+    num_experts: int = 8  # routed experts per MoE block (plus one shared expert)
+    moe_top_k: int = 2  # experts per token; gate weights are the raw softmax probabilities (not renormalised)
+    moe_aux_loss_alpha: float = 0.01  # load-balancing loss weight (official value), only in training
+    rope_theta: float = 10000.0  # RoPE base
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"dit.hidden_size ({self.hidden_size}) must be divisible by dit.num_heads ({self.num_heads})")
+        hd = self.hidden_size // self.num_heads
+        if hd % 8 or hd > 128:
+            raise ValueError(f"dit head_dim = hidden_size/num_heads = {hd} must be a multiple of 8 and <= 128")
+        if not 0 <= self.num_moe_layers <= self.depth:
+            raise ValueError(f"dit.num_moe_layers ({self.num_moe_layers}) must be in [0, depth={self.depth}]")
+        if not 1 <= self.moe_top_k <= self.num_experts:
+            raise ValueError(f"dit.moe_top_k ({self.moe_top_k}) must be in [1, num_experts={self.num_experts}]")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def _interleaved_heads(parts: list[torch.Tensor], num_heads: int) -> list[torch.Tensor]:
+    """The official head layout: concat the projections on channels, view as (..., H, n*hd), split.
+
+    parts: n tensors (B, T, C). Returns n tensors (B, H, T, hd).
+    """
+    B, T, C = parts[0].shape
+    n = len(parts)
+    hd = C // num_heads
+    cat = torch.cat(parts, dim=-1).view(B, T, num_heads, n * hd)
+    return [p.transpose(1, 2) for p in cat.split(hd, dim=-1)]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (B, T, hd) float32. rotate_half convention, computed in float32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    out = x.float() * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+    return out.to(x.dtype)
+
+
+def rope_3d(voxel_idx: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, N, head_dim) for integer voxel indices (B, N, 3).
+
+    head_dim is split into x/y/z thirds (z takes the remainder); each third gets the usual
+    1/theta^(2i/d) frequencies, and the angle vector is duplicated for rotate_half.
+    """
+    dx = dy = head_dim // 3
+    dz = head_dim - dx - dy
+    dev = voxel_idx.device
+    args = []
+    for axis, d in enumerate((dx, dy, dz)):
+        freqs = 1.0 / (theta ** (torch.arange(0, d, 2, device=dev).float() / d))  # (d/2,)
+        args.append(voxel_idx[..., axis].float().unsqueeze(-1) * freqs)  # (B, N, d/2)
+    a = torch.cat(args, dim=-1)
+    a = torch.cat([a, a], dim=-1)  # (B, N, head_dim)
+    return a.cos(), a.sin()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # one matmul for q, k and v (same result as three; the interleave happens after)
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        b = None if self.to_q.bias is None else torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        q, k, v = _interleaved_heads(list(F.linear(x, w, b).split(C, dim=-1)), self.num_heads)  # (B, H, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v)  # flash / efficient kernel on GPU
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); ctx (B, S, Cc); ctx_mask (B, S) bool, True = real token (None: all real)."""
+        B, T, C = x.shape
+        q = self.to_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # plain split for q
+        k, v = _interleaved_heads([self.to_k(ctx), self.to_v(ctx)], self.num_heads)  # interleaved for k/v
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = None if ctx_mask is None else ctx_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim * 4)
+        self.fc2 = nn.Linear(dim * 4, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _GELUProj(nn.Module):
+    """Named like diffusers' GELU block (`net.0.proj`) so expert keys match the checkpoint."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """Expert MLP: keys `net.0.proj` and `net.2` (net.1 is a parameter-free dropout slot)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.net = nn.ModuleList([_GELUProj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class _InjectAuxLoss(torch.autograd.Function):
+    """Return x unchanged; in backward, give `loss` a gradient of 1 (the official way of adding
+    the MoE load-balancing loss to whatever loss is backpropagated through x)."""
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
+class MoEGate(nn.Module):
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts + one always-on shared expert (DeepSeek-style), official semantics:
+    softmax over experts, top-k, weights NOT renormalised, aux loss = alpha * sum(P_i * f_i * E)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, aux_alpha: float):
+        super().__init__()
+        self.top_k, self.aux_alpha = top_k, aux_alpha
+        self.experts = nn.ModuleList([FeedForward(dim, dim * 4) for _ in range(num_experts)])
+        self.gate = MoEGate(dim, num_experts)
+        self.shared_experts = FeedForward(dim, dim * 4)
+        self.aux_loss: torch.Tensor | None = None  # set in training forwards, for logging
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        scores = F.linear(flat, self.gate.weight).softmax(dim=-1)  # (N, E)
+        topk_w, topk_idx = torch.topk(scores, self.top_k, dim=-1)  # (N, k)
+        y = torch.zeros_like(flat)
+        # group tokens by expert: one dense matmul per expert on just its tokens
+        order = topk_idx.flatten().argsort()
+        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()
+        tok = order // self.top_k
+        w = topk_w.flatten()[order].unsqueeze(-1)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                sel = tok[start:start + n]
+                y.index_add_(0, sel, (self.experts[e](flat[sel]) * w[start:start + n]).to(y.dtype))
+            start += n
+        y = y.view(shape)
+        if self.training and self.aux_alpha > 0:
+            E = len(self.experts)
+            f = F.one_hot(topk_idx.flatten(), E).float().mean(0) * E  # fraction routed, times E
+            aux = (scores.float().mean(0) * f).sum() * self.aux_alpha
+            self.aux_loss = aux.detach()
+            y = _InjectAuxLoss.apply(y, aux)
+        return y + self.shared_experts(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: RefineDiTConfig, skip: bool, moe: bool):
+        super().__init__()
+        C = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(C, eps=1e-6)
+        self.attn1 = SelfAttention(C, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(C, eps=1e-6)
+        self.attn2 = CrossAttention(C, cfg.context_dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm)
+        self.norm3 = nn.LayerNorm(C, eps=1e-6)
+        if skip:
+            self.skip_norm = nn.LayerNorm(C, eps=1e-6)
+            self.skip_linear = nn.Linear(2 * C, C)
+        else:
+            self.skip_linear = None
+        if moe:
+            self.moe = MoE(C, cfg.num_experts, cfg.moe_top_k, cfg.moe_aux_loss_alpha)
+        else:
+            self.mlp = MLP(C)
+        self.use_moe = moe
+
+    def forward(self, x, ctx, ctx_mask, cos, sin, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_norm(self.skip_linear(torch.cat([skip, x], dim=-1)))
+        x = x + self.attn1(self.norm1(x), cos, sin)
+        x = x + self.attn2(self.norm2(x), ctx, ctx_mask)
+        h = self.norm3(x)
+        return x + (self.moe(h) if self.use_moe else self.mlp(h))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[sin | cos] features, frequencies exp(-ln(max_period) * i / (dim/2)). t (B,) in [0, 1]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    a = t.float()[:, None] * freqs[None]
+    emb = torch.cat([a.sin(), a.cos()], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, C: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.mlp[0].in_features).to(self.mlp[0].weight.dtype)).unsqueeze(1)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, C: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(C, eps=1e-6)
+        self.linear = nn.Linear(C, out)
+
+    def forward(self, x):
+        return self.linear(self.norm_final(x)[:, 1:])  # drop the timestep token
+
+
+class RefineDiT(nn.Module):
+    def __init__(self, cfg: RefineDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_size
+        self.x_embedder = nn.Linear(cfg.in_channels, C)
+        self.t_embedder = TimestepEmbedder(C)
+        self.blocks = nn.ModuleList([
+            DiTBlock(cfg, skip=i > cfg.depth // 2, moe=cfg.depth - i <= cfg.num_moe_layers)
+            for i in range(cfg.depth)
+        ])
+        self.final_layer = FinalLayer(C, cfg.in_channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        voxel_idx: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction.
+
+        x (B, N, in_channels) noisy latents; t (B,) time in [0, 1] (0 = noise, 1 = data);
+        cond (B, S, context_dim) image tokens; voxel_idx (B, N, 3) integer voxel indices of the
+        N tokens (RoPE positions); cond_mask (B, S) bool, True = real image token (None: all real).
+        Returns (B, N, in_channels).
+        """
+        B, N, _ = x.shape
+        if voxel_idx.shape[:2] != (B, N):
+            raise ValueError(f"voxel_idx has shape {tuple(voxel_idx.shape)}; expected ({B}, {N}, 3), one index per latent token")
+        if t.ndim == 0:
+            t = t.expand(B)
+        cos_v, sin_v = rope_3d(voxel_idx, self.cfg.head_dim, self.cfg.rope_theta)
+        cos = torch.cat([torch.ones_like(cos_v[:, :1]), cos_v], dim=1)  # timestep token: angle 0
+        sin = torch.cat([torch.zeros_like(sin_v[:, :1]), sin_v], dim=1)
+        h = torch.cat([self.t_embedder(t), self.x_embedder(x)], dim=1)  # (B, 1+N, C)
+        cond = cond.to(h.dtype)
+        if cond_mask is None:
+            # official convention: a context row that is all -1 is padding (batched masked images)
+            pad = (cond == -1).all(dim=-1)
+            cond_mask = ~pad if bool(pad.any()) else None
+        skips = []
+        half = self.cfg.depth // 2
+        for i, block in enumerate(self.blocks):
+            h = block(h, cond, cond_mask, cos, sin, skip=skips.pop() if i > half else None)
+            if i < half:
+                skips.append(h)
+        return self.final_layer(h)
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE load-balancing losses of the last training forward (detached, for logging).
+
+        Its gradient is already injected into the backward pass through the MoE outputs (as the
+        official trainer does), so do not add it to the loss again."""
+        losses = [b.moe.aux_loss for b in self.blocks if b.use_moe and b.moe.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None

@@ -43,15 +43,41 @@ TRAIN_HELP = {
 }
 
 
-def start_watchdog(t: Target) -> None:
-    """Start the pod's autostop watchdog (infra/watchdog.py) beside a GPU job; never on this machine."""
+def start_watchdog(t: Target, job: str) -> None:
+    """Start the pod's autostop watchdog (infra/watchdog.py) for a GPU job; never on this machine.
+
+    It stops the pod when the job ends, the GPU idles, the runtime or the budget runs out. The API
+    key reaches it on stdin, not in a file or on a command line (the pod keeps its volume for months).
+    """
+    if t.kind != "pod" or t.pod is None:
+        return
+    key = os.environ.get("RUNPOD_API_KEY", "")
+    base = os.environ.get("RUNPOD_API_BASE", "")
+    # The pod's own environment wins (RunPod gives each pod a key scoped to it); the laptop's is the fallback.
+    cmd = (
+        f"{t.env_prefix()} {{ [ ! -f /etc/rp_environment ] || . /etc/rp_environment; }}; "
+        f"IFS= read -r k; [ -n \"${{RUNPOD_API_KEY:-}}\" ] || export RUNPOD_API_KEY=\"$k\"; "
+        + (f"[ -n \"${{RUNPOD_API_BASE:-}}\" ] || export RUNPOD_API_BASE={shlex.quote(base)}; " if base else "")
+        + py(t, "infra.watchdog", "--daemon", "--job-dir", jobs.job_dir(t, job), "--pod-id", t.pod.id, "--stack", t.name)
+    )
+    r = t.run(cmd, input=key + "\n", check=False)
+    if r.ok:
+        say(f"[{t.name}] watchdog on '{job}' (pid {r.stdout.strip()}): the pod stops itself when the job ends, "
+            f"idles {t.config.autostop_idle_minutes} min or reaches ${t.config.budget_usd:g}")
+    else:
+        say(f"[{t.name}] WARNING: the watchdog did not start ({(r.stderr or r.stdout).strip()[-300:]}); "
+            f"this pod will not stop by itself: `fab teardown --stack {t.name}` when done")
+
+
+def watchdog_line(t: Target, job: str = "train") -> str | None:
     if t.kind != "pod":
-        return
-    st = jobs.state(t, "watchdog")
-    if st.state == "running":
-        return
-    jobs.start(t, "watchdog", py(t, "infra.watchdog", "--stack", t.name))
-    say(f"[{t.name}] watchdog started: the pod stops itself when idle or over budget (`fab logs --job watchdog`)")
+        return None
+    text = t.read_text(jobs.job_dir(t, job) + "/watchdog.json")
+    if text is None:
+        return None
+    from infra.watchdog import health
+
+    return health(text).message
 
 
 def needs_weights(config: str) -> str | None:
@@ -107,8 +133,10 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
                             *map(shlex.quote, args)])
         else:
             cmd = py(t, "ml.training", *args)
-        start_watchdog(t)
-        run_job(t, "train", cmd, follow=follow)
+        run_job(t, "train", cmd, follow=False)
+        start_watchdog(t, "train")
+        if follow:
+            follow_job(t, "train")
         if follow:
             status_lines(t)
 
@@ -194,6 +222,9 @@ def status(c, stack=None):
             if s.state != "absent" and job != "train":
                 print(f"  {job}: {s.state}" + (f" (exit {s.exit_code})" if s.exit_code is not None else ""))
         status_lines(t)
+        line = watchdog_line(t)
+        if line:
+            print(f"  {line}")
 
 
 @task(help={"stack": STACK_HELP, "job": "train, process, weights, setup, serve, watchdog, tensorboard",

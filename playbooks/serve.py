@@ -50,6 +50,9 @@ def serve(c, stack=None, ckpt=None, config=None, tiny=False, port=8000):
             args = ["--ckpt", model, "--config", cfg, "--host", host, "--port", str(port),
                     "--key-file", "outputs/serve-api-key"]
             run_job(t, "serve", py(t, "ml.serving", *args), follow=False)
+            from playbooks.run import start_watchdog
+
+            start_watchdog(t, "serve")  # an API nobody calls for autostopIdleMinutes stops the pod
         # Wait for the server's ready line (it loads the model first).
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:

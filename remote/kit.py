@@ -123,12 +123,15 @@ def ensure_venv(
     target: Target,
     rev: Revision | None = None,
     *,
-    base_python: str = "python3",
+    base_python: str | None = None,
     site_packages: str | None = None,
     log=print,
     out=None,
 ) -> bool:
-    """Build (or keep) the venv at <target.venv>. Returns True when pip ran."""
+    """Build (or keep) the venv at <target.venv>. Returns True when pip ran.
+
+    `base_python` (default python3) and `site_packages` are remembered in the venv's marker: a later
+    `fab setup` or `fab train` without them keeps the earlier choice instead of rebuilding."""
     if isinstance(target, LocalTarget):
         # Here the kit is this checkout and the interpreter is the one running fab (`make setup` built it).
         r = target.run(f"{target.env_prefix()} {shlex.quote(target.python)} -c 'import ml.config, yaml'", check=False)
@@ -138,10 +141,17 @@ def ensure_venv(
         return False
     rev = rev or local_revision()
     reqs = requirements(rev.sha)
-    key = deps_key(reqs, base_python, site_packages)
     venv = target.venv
     marker = f"{venv}/.ultrashape-deps"
-    if (target.read_text(marker) or "").strip() == key:
+    try:
+        have = json.loads(target.read_text(marker) or "{}")
+    except ValueError:
+        have = {}
+    if base_python is None and site_packages is None:
+        base_python, site_packages = have.get("python"), have.get("site_packages")
+    base_python = base_python or "python3"
+    key = deps_key(reqs, base_python, site_packages)
+    if have.get("key") == key:
         log(f"venv: dependencies unchanged ({key})")
         return False
     qv = shlex.quote(venv)
@@ -155,14 +165,18 @@ def ensure_venv(
     script = (
         "set -e\n"
         f"rm -f {shlex.quote(marker)}\n"
+        # --without-pip: the venv's own pip (and the old setuptools ensurepip bundles) would shadow the
+        # image's newer ones and make pip "upgrade" setuptools from the network; the base's pip is enough.
         f"if [ ! -x {qv}/bin/python ]; then "
-        f"{shlex.quote(base_python)} -m venv --system-site-packages {qv} || "
+        f"{shlex.quote(base_python)} -m venv --system-site-packages --without-pip {qv} || "
         f"{{ echo 'python3 -m venv failed: the image needs python3-venv (apt-get install python3-venv)'; exit 1; }}; fi\n"
         f"{pth}true\n"
+        f"{qv}/bin/python -m pip --version >/dev/null 2>&1 || {qv}/bin/python -m ensurepip --default-pip\n"
         f"{qv}/bin/python -m pip install --disable-pip-version-check --progress-bar off "
         + " ".join(shlex.quote(r) for r in reqs)
         + "\n"
-        f"echo {key} > {shlex.quote(marker)}.tmp && mv {shlex.quote(marker)}.tmp {shlex.quote(marker)}\n"
+        f"echo {shlex.quote(json.dumps({'key': key, 'python': base_python, 'site_packages': site_packages}))}"
+        f" > {shlex.quote(marker)}.tmp && mv {shlex.quote(marker)}.tmp {shlex.quote(marker)}\n"
     )
     log(f"venv: installing {len(reqs)} requirements into {venv} (detached job 'setup'; Ctrl-C leaves it running)")
     jobs.start(target, "setup", script)

@@ -1,0 +1,131 @@
+"""End to end on the RunPod emulator: a pod provisioned through the client, then the real `fab` CLI
+against it over real SSH (tests/emulator: sshd in its own namespaces, /workspace bind-mounted).
+
+    .venv/bin/python -m pytest tests/playbooks/test_playbooks_emulator.py -q
+
+The stack is the shipped `a40` stack file; only HOME (where its sshPublicKeyFile points) and the
+API address differ, so the stack, its pod name and its key handling are the real ones.
+`fab setup` builds the pod's venv with --system-site-packages from this machine's Python and a .pth
+to this machine's .venv: pip then finds every requirement satisfied (the same requirement lines a
+pod installs) and the test downloads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.runpod import PodRequest, RunPodClient
+from infra.stack_config import load_stack_config
+from remote.target import REPO
+
+pytestmark = pytest.mark.integration
+
+emulator = pytest.importorskip("tests.emulator")
+STACK = "a40"
+
+
+def base_python() -> str:
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    ok, why = emulator.ssh_supported()
+    if not ok:
+        pytest.skip(why)
+    base = tmp_path_factory.mktemp("e2e")
+    with emulator.RunPodEmulator(base, provision_seconds=0.2, start_seconds=0.1) as emu:
+        home = base / "home"
+        (home / ".ssh").mkdir(parents=True)
+        shutil.copy(emu.user_key, home / ".ssh" / "id_ed25519")
+        shutil.copy(str(emu.user_key) + ".pub", home / ".ssh" / "id_ed25519.pub")
+        env = {**os.environ, **emu.client_env(), "HOME": str(home), "ULTRASHAPE_STATE_DIR": str(base / "state")}
+        env.pop("ULTRASHAPE_STACK", None)
+        # Provision as `pulumi up` does: the stack's settings through the client (volume, then the pod).
+        old_home = os.environ.get("HOME")
+        os.environ["HOME"] = str(home)
+        try:
+            cfg = load_stack_config(STACK)
+            pub = cfg.public_key()
+        finally:
+            os.environ["HOME"] = old_home or ""
+        rp = RunPodClient(emu.api_key, emu.base_url)
+        nv = cfg.network_volume
+        vol = rp.create_network_volume(name=nv.name, size_gb=nv.size_gb, data_center_id=nv.data_center_id)
+        req = PodRequest(
+            name=cfg.pod_name, image=cfg.image, gpu_type_id=cfg.gpu_types[0], gpu_count=cfg.gpu_count,
+            cloud=cfg.cloud_type, disk_gb=cfg.container_disk_gb, network_volume_id=vol.id, ports=cfg.ports,
+            env=cfg.pod_env(pub), data_center_ids=cfg.data_center_ids, min_cuda_version=cfg.min_cuda_version,
+        )
+        pod = rp.create_pod_any(req, cfg.gpu_types)
+        rp.wait_for_pod(pod.id, poll=0.05)
+        yield {"emu": emu, "env": env, "pod_id": pod.id, "base": base, "rp": rp}
+
+
+def fab(world, *args, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        [sys.executable, "-m", "fabric", *args], cwd=kw.pop("cwd", REPO), env=world["env"],
+        capture_output=True, text=True, timeout=timeout, **kw,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"fab {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_playbooks_setup_sync_status_teardown(world, tmp_path):
+    emu, pod_id = world["emu"], world["pod_id"]
+    ws = emu.pod(pod_id).workspace
+    site = sysconfig.get_paths()["purelib"]
+    t0 = time.monotonic()
+    r = fab(world, "setup", "--stack", STACK, "--python", base_python(), "--site-packages", site)
+    first = time.monotonic() - t0
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (ws / "kit" / ".revision").read_text().strip() == rev
+    assert (ws / "venv" / ".ultrashape-deps").is_file()
+    # The pod's venv imports the kit from /workspace/kit, with this machine's packages.
+    t0 = time.monotonic()
+    r = fab(world, "setup", "--stack", STACK)
+    again = time.monotonic() - t0
+    assert "already" in r.stderr and "unchanged" in r.stderr, r.stderr
+    print(f"setup: first {first:.1f} s, no change {again:.1f} s")
+    assert again < 15, f"no-change setup took {again:.1f} s (first: {first:.1f} s)"
+    log = (ws / "jobs" / "setup" / "log").read_text()
+    assert "Successfully installed" not in log, log  # everything came from the reused packages
+
+    src = tmp_path / "meshes"
+    src.mkdir()
+    for i in range(7):
+        (src / f"m{i}.obj").write_text(f"v {i} 0 0\nv 0 1 0\nv 0 0 1\nf 1 2 3\n")
+    (src / "m0.mtl").write_text("newmtl a\n")
+    r = fab(world, "sync", "--stack", STACK, "--src", str(src), "--limit", "3")
+    assert sorted(p.name for p in (ws / "data" / "input").iterdir()) == ["m0.obj", "m1.obj", "m2.obj"]
+    r = fab(world, "sync", "--stack", STACK, "--src", str(src))
+    assert "6 of" in r.stderr or "5 of" in r.stderr, r.stderr  # only what was missing (4 meshes + the .mtl)
+    r = fab(world, "sync", "--stack", STACK, "--src", str(src))
+    assert " 0 of " in r.stderr, r.stderr
+
+    r = fab(world, "status", "--stack", STACK)
+    assert f"pod {pod_id} RUNNING" in r.stdout, r.stdout
+
+    r = fab(world, "teardown", "--stack", STACK)
+    assert "stopped" in r.stdout
+    assert emu.pod(pod_id).status == "EXITED"
+    assert (ws / "data" / "input" / "m6.obj").is_file()  # the volume stays
+    r = fab(world, "teardown", "--stack", STACK)  # safe twice
+    assert "already stopped" in r.stdout
+    r = fab(world, "status", "--stack", STACK)
+    assert "EXITED" in r.stdout
+    # The next task starts the stopped pod (and says so); its SSH port has changed.
+    r = fab(world, "sync", "--stack", STACK, "--src", str(src))
+    assert "was stopped: starting it" in r.stderr
+    assert emu.pod(pod_id).status == "RUNNING"

@@ -66,6 +66,9 @@ class PodHost:
         self.pod_dir = pod_dir
         self.workspace = workspace
         self.host_key = host_key
+        # Short on purpose: tmux's socket lives in it and Unix socket paths stop at 108 bytes, which a
+        # directory under pytest's tmp_path can exceed.
+        self.tmp_dir = Path("/tmp") / f"rpemu-{pod_dir.name}"
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
 
@@ -75,9 +78,8 @@ class PodHost:
 
     def start(self, env: dict[str, str], timeout: float = 10.0) -> int:
         self.stop()
-        tmp = self.pod_dir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        tmp.chmod(0o1777)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.chmod(0o1777)
         self.workspace.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
         (self.pod_dir / "authorized_keys").write_text((env.get("PUBLIC_KEY", "").strip() + "\n").lstrip("\n"))
@@ -111,14 +113,18 @@ class PodHost:
     def stop(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.terminate()  # unshare --kill-child then SIGKILLs sshd, PID 1 of the pod
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=5)
+                # unshare ignores SIGTERM while it waits for its child; SIGKILL it, and --kill-child
+                # (the parent-death signal) SIGKILLs sshd, PID 1 of the pod, which takes every other
+                # process of the namespace with it.
+                self.proc.kill()
+                self.proc.wait(timeout=10)
             self.proc = None
         self.port = None
+
+    def remove(self) -> None:
+        """stop(), and delete the pod's temp directory (terminate, emulator close)."""
+        self.stop()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _config(self, env: dict[str, str]) -> str:
         lines = [
@@ -138,7 +144,7 @@ class PodHost:
             "Subsystem sftp internal-sftp",
             "LogLevel ERROR",
         ]
-        env = {**env, "TMPDIR": str(self.pod_dir / "tmp"), "TMUX_TMPDIR": str(self.pod_dir / "tmp")}
+        env = {**env, "TMPDIR": str(self.tmp_dir), "TMUX_TMPDIR": str(self.tmp_dir)}
         pairs = []
         for k, v in sorted(env.items()):
             if '"' in v or "\n" in v:

@@ -227,14 +227,14 @@ class RunPodEmulator:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="runpod-emulator", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="runpod-emulator", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         with self.lock:
-            for pod in list(self.pods.values()):
+            for pod in list(self.pods.values()) + list(self.terminated.values()):
                 if pod.host:
-                    pod.host.stop()
+                    pod.host.remove()
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -642,6 +642,8 @@ class RunPodEmulator:
 
     def _terminate(self, pod: EmuPod) -> None:
         self._halt(pod)
+        if pod.host:
+            pod.host.remove()
         self._set_status(pod, "TERMINATED", self.clock.now())
         del self.pods[pod.id]
         self.terminated[pod.id] = pod

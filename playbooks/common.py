@@ -17,7 +17,7 @@ from remote.target import REPO, Target
 INPUT = "data/input"
 OUTPUT = "data/output"
 OUTPUTS = "outputs"
-WEIGHTS = "weights"
+WEIGHTS = "ckpt"  # the released checkpoint; configs/train_dit_refine.yaml: model.weights: ckpt/ultrashape_v1.pt
 
 CONFIGS = {  # (full, tiny); `--tiny` picks the CPU-sized variants
     "processing": ("configs/processing.yaml", "configs/processing-tiny.yaml"),

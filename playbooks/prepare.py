@@ -83,14 +83,9 @@ WEIGHTS_HELP = {
     "filename": "file in that repo",
     "revision": "branch, tag or commit of the repo (pin a commit for reproducible runs)",
     "source": "a local copy of the file to upload instead of downloading on the target",
+    "out": "where it goes on the target (default ckpt/<filename>, what configs/train_dit_refine.yaml names)",
     "follow": "stream the log until done",
 }
-
-
-def weights_paths(filename: str) -> tuple[str, str]:
-    """(downloaded file, converted file), relative to the workspace root."""
-    stem = Path(filename).stem
-    return f"{WEIGHTS}/{filename}", f"{WEIGHTS}/{stem}.kit.pt"
 
 
 def do_weights(
@@ -100,17 +95,19 @@ def do_weights(
     revision: str = "main",
     source: str | None = None,
     follow: bool = True,
+    out: str | None = None,
 ):
-    raw, converted = weights_paths(filename)
+    out = out or f"{WEIGHTS}/{filename}"
     if source:
         src = Path(source).expanduser()
         if not src.is_file():
             raise SystemExit(f"error: --source {source}: no such file")
-        staging = Path(src).parent
         # rsync the one file (resumable: a 6 GB upload that drops continues from the partial).
-        res = rsync.push(t, staging, t.path(WEIGHTS), limit=None, suffixes=(src.name,))
+        res = rsync.push(t, src.parent, t.path(str(Path(out).parent)), suffixes=(src.name,))
+        if src.name != Path(out).name:
+            t.run(f"mv {shlex.quote(t.path(str(Path(out).parent), src.name))} {shlex.quote(t.path(out))}")
         say(f"[{t.name}] weights: {src.name} uploaded ({res.bytes_sent / 1e6:.1f} MB sent)")
-    args = ["--repo", repo, "--filename", filename, "--revision", revision, "--out", raw, "--convert", converted]
+    args = ["--repo", repo, "--filename", filename, "--revision", revision, "--out", out]
     if source:
         args += ["--local"]
     return run_job(t, "weights", py(t, "remote.weights", *args), follow=follow)
@@ -118,7 +115,7 @@ def do_weights(
 
 @task(help=WEIGHTS_HELP)
 def weights(c, stack=None, repo="infinith/UltraShape", filename="ultrashape_v1.pt", revision="main",
-            source=None, follow=True):
-    """Download the released UltraShape weights on the target (resume + sha256 check) and convert them."""
+            source=None, follow=True, out=None):
+    """Download the released UltraShape weights on the target (resumes; sha256 and layout checked)."""
     with target(stack) as t:
-        do_weights(t, repo, filename, revision, source, follow)
+        do_weights(t, repo, filename, revision, source, follow, out)

@@ -27,7 +27,7 @@ from playbooks.common import (
     say,
     target,
 )
-from playbooks.prepare import do_process, do_setup, do_sync, do_weights, processing_done, weights_paths
+from playbooks.prepare import do_process, do_setup, do_sync, do_weights, processing_done
 from remote import jobs, sync as rsync
 from remote.target import REPO, Target
 
@@ -120,7 +120,7 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             say(f"[{t.name}] process: data/output is up to date with data/input")
         w = needs_weights(train_cfg)
         if w and not t.exists(t.path(w)):
-            do_weights(t)
+            do_weights(t, filename=Path(w).name, out=w)
         args = ["--config", train_cfg]
         if not fresh and can_resume(t):
             args += ["--resume", "latest"]

@@ -199,4 +199,4 @@ def link_workspace(target: Target) -> None:
     the links make both true at once."""
     root = shlex.quote(target.root)
     links = " && ".join(f"ln -sfn {shlex.quote(target.kit + '/' + d)} {root}/{d}" for d in LINKED)
-    target.run(f"mkdir -p {root}/data/input {root}/data/output {root}/outputs {root}/weights {root}/jobs && {links}")
+    target.run(f"mkdir -p {root}/data/input {root}/data/output {root}/outputs {root}/ckpt {root}/jobs && {links}")

@@ -12,7 +12,7 @@ and it runs on a pod or here:
     <root>/data/input     meshes uploaded by `fab sync`
     <root>/data/output    processed samples (ml.processing)
     <root>/outputs/<run>  training runs (ml.training)
-    <root>/weights        downloaded and converted checkpoints
+    <root>/ckpt           the released checkpoint (`fab weights`)
     <root>/jobs/<name>    detached jobs: run.sh, log, exit_code (remote/jobs.py)
     <kit>                 the code (a pod: the git revision `fab setup` shipped; here: this checkout)
     <python>              the interpreter that has the kit's dependencies

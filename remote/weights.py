@@ -1,7 +1,6 @@
 """Fetch the released UltraShape checkpoint on the target, verify it, convert it for training.
 
-    python -m remote.weights --repo infinith/UltraShape --filename ultrashape_v1.pt \
-        --out weights/ultrashape_v1.pt --convert weights/ultrashape_v1.kit.pt
+    python -m remote.weights --repo infinith/UltraShape --filename ultrashape_v1.pt --out ckpt/ultrashape_v1.pt
 
 `fab weights` runs this on the pod (in the workspace root), as a detached job: a 6 GB download
 should not depend on the laptop's Wi-Fi.
@@ -15,8 +14,10 @@ should not depend on the laptop's Wi-Fi.
   have not changed.
 - `--local`: the file was uploaded by `fab weights --source` (no Hub access needed); its digest is
   checked against `--sha256` when given, and recorded either way.
-- Conversion: ml/models/checkpoint.py's reader and writer, in a child process (ml is imported
-  only there: remote/ is the wiring, the format belongs to the models).
+- Training format: the trainer loads the released layout itself ({"vae", "dit", "conditioner"},
+  strictly; ml/models/checkpoint.py), so there is nothing to rewrite. What we do is open the file
+  with that reader, in a child process (ml is imported only there: remote/ is the wiring, the format
+  belongs to the models), so a file of the wrong layout fails here and not an hour into `fab train`.
 
 Licence: the weights are under the Tencent Hunyuan 3D 2.1 Community License (see README); this
 command downloads them only when the user runs it.
@@ -35,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-CACHE = "weights/hf-cache"  # on the volume, so a stopped pod keeps a half-finished download
+CACHE = "ckpt/hf-cache"  # on the volume, so a stopped pod keeps a half-finished download
 
 
 class WeightsError(RuntimeError):
@@ -119,20 +120,17 @@ def verify(path: Path, expected: str | None) -> str:
     return have
 
 
-def convert(src: Path, dst: Path) -> None:
-    """Released checkpoint -> the training format, through ml/models/checkpoint.py (in a child process)."""
-    if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
-        print(f"{dst}: already converted", flush=True)
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    cmd = [sys.executable, "-m", "ml.models.checkpoint", "convert", "--src", str(src), "--out", str(tmp)]
-    print("converting:", " ".join(cmd), flush=True)
-    r = subprocess.run(cmd)
+def check_layout(path: Path) -> None:
+    """Open `path` with ml/models/checkpoint.py's reader and require the three official parts."""
+    code = (
+        "import sys; from ml.models.checkpoint import PARTS, read_checkpoint; "
+        "ck = read_checkpoint(sys.argv[1]); missing = [p for p in PARTS if p not in ck]; "
+        "print('parts:', ', '.join(f'{p} ({len(ck[p])} tensors)' for p in PARTS if p in ck)); "
+        "sys.exit(f'{sys.argv[1]}: missing parts {missing}' if missing else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)])
     if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise WeightsError(f"converting {src} failed (exit {r.returncode}); see the lines above")
-    tmp.replace(dst)
+        raise WeightsError(f"{path}: not an UltraShape checkpoint the trainer can load (see above)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", default="infinith/UltraShape")
     p.add_argument("--filename", default="ultrashape_v1.pt")
     p.add_argument("--revision", default="main")
-    p.add_argument("--out", required=True, help="where the verified file is placed (weights/<filename>)")
-    p.add_argument("--convert", default=None, help="write the training-format checkpoint here")
+    p.add_argument("--out", required=True, help="where the verified file is placed (the config's model.weights)")
+    p.add_argument("--no-check", action="store_true", help="skip opening the file with the model's reader")
     p.add_argument("--local", action="store_true", help="--out is already there (uploaded); do not download")
     p.add_argument("--sha256", default=None, help="expected digest (for --local, or to pin a download)")
     p.add_argument("--cache-dir", default=CACHE)
@@ -156,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             cached, expected = download(a.repo, a.filename, a.revision, a.cache_dir)
             if a.sha256 and expected and a.sha256 != expected:
                 raise WeightsError(f"--sha256 {a.sha256} but the Hub says {expected} for {a.repo}/{a.filename}@{a.revision}")
-            digest = verify(cached, a.sha256 or expected)
+            want = a.sha256 or expected
+            if want and out.is_file() and recorded_digest(out) == want:
+                digest = want  # verified on an earlier run and unchanged since: skip the 6 GB hash
+            else:
+                digest = verify(cached, want)
             if not (out.is_file() and recorded_digest(out) == digest):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_name(out.name + ".tmp")
@@ -169,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.replace(out)
         record_digest(out, digest)
         print(f"{out}: sha256 {digest} ok", flush=True)
-        if a.convert:
-            convert(out, Path(a.convert))
-            print(f"{a.convert}: ready for training (model.weights)", flush=True)
+        if not a.no_check:
+            check_layout(out)
+        print(f"{out}: ready for training (model.weights: {out})", flush=True)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

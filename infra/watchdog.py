@@ -84,6 +84,7 @@ class Settings:
     stop_backoff_max_s: float = 300.0  # retry interval cap for a stop that keeps failing
     billing_timeout_s: float = 120.0  # give up on the billing baseline after this (budget then counts this session only)
     pod_refresh_s: float = 300.0  # re-read the pod ($/h, uptime, status) this often
+    start_grace_s: float = 120.0  # an exit_code already there at start is the previous run's for this long
 
     def __post_init__(self):
         self.job_dir = Path(self.job_dir)
@@ -139,6 +140,7 @@ class State:
     worker_pid: Optional[int] = None
     supervisor_pid: Optional[int] = None
     restarts: int = 0
+    stale_exit_mtime: Optional[float] = None  # mtime of an exit_code that predates us (a previous run's)
     outcome: str = "watching"  # watching | stopping | stopped | stop-failing
     reason: str = ""
     poll_s: float = 30.0
@@ -237,6 +239,13 @@ def read_exit_code(job_dir: Path) -> Optional[int]:
         return -1  # present but unreadable: the job has ended, how is unknown
 
 
+def _mtime(p: Path) -> Optional[float]:
+    try:
+        return Path(p).stat().st_mtime
+    except OSError:
+        return None
+
+
 def in_flight_writes(dirs: list[Path], globs: tuple[str, ...], now: float, quiet_s: float) -> list[Path]:
     """Temp files/dirs (the first half of an atomic write) modified within the last `quiet_s` seconds."""
     found = []
@@ -313,7 +322,11 @@ class Watchdog:
                      idle_since=_iso(self.st.idle_since) if self.st.idle_since else None)
         else:
             self.st = State(pod_id=self.s.pod_id, started_at=self.clock())
-            self.log("start", settings=_settings_summary(self.s))
+            # `fab train` may start us a moment before the job, whose start removes the previous run's
+            # exit_code; until then that file says nothing about the job we watch.
+            self.st.stale_exit_mtime = _mtime(self.s.job_dir / EXIT_FILE)
+            self.log("start", settings=_settings_summary(self.s),
+                     stale_exit_code=self.st.stale_exit_mtime is not None)
         self.st.worker_pid = os.getpid()
         self.st.poll_s = self.s.poll_s
         self.st.settings = _settings_summary(self.s)
@@ -326,7 +339,7 @@ class Watchdog:
     def log(self, event: str, **fields) -> None:
         """Every decision goes to <job-dir>/watchdog.log (JSON lines) and to stderr (one readable line)."""
         now = self.clock()
-        rec = {"time": _iso(now), "t": round(now, 3), "event": event, "pid": os.getpid(), **fields}
+        rec = {"time": _iso(now), "t": now, "event": event, "pid": os.getpid(), **fields}
         line = json.dumps(rec, default=str)
         try:
             with open(self.log_path, "a") as f:
@@ -406,8 +419,19 @@ class Watchdog:
         theirs = 0.0
         if self.st.pod_uptime_at is not None:
             theirs = self.st.pod_uptime_s + (now - self.st.pod_uptime_at)
-        return Observation(now=now, exit_code=read_exit_code(self.s.job_dir), gpu_util=gpu,
+        return Observation(now=now, exit_code=self.job_exit_code(now), gpu_util=gpu,
                            usd_per_hour=self.st.usd_per_hour, uptime_s=max(ours, theirs))
+
+    def job_exit_code(self, now: float) -> Optional[int]:
+        code = read_exit_code(self.s.job_dir)
+        if code is None or self.st.stale_exit_mtime is None:
+            return code
+        if _mtime(self.s.job_dir / EXIT_FILE) != self.st.stale_exit_mtime:
+            self.st.stale_exit_mtime = None  # a new run has ended
+            return code
+        if now - self.st.started_at < self.s.start_grace_s:
+            return None  # the previous run's: the job we watch has not started yet
+        return code  # no job came: the pod has nothing to do
 
     def check(self) -> Decision:
         """One round: observe, update the idle clock, decide, log, persist."""
@@ -450,7 +474,7 @@ class Watchdog:
         self.st.outcome, self.st.reason = "stopping", d.reason
         self.log("decision", action="stop", reason=d.reason, detail=d.detail)
         self.save()
-        if read_exit_code(self.s.job_dir) is None:
+        if self.job_exit_code(self.clock()) is None and read_exit_code(self.s.job_dir) is None:
             self._interrupt()
         self.flush()
         self.stop_pod()
@@ -713,7 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m infra.watchdog",
         description="Stop this pod when its job ends, its GPU idles, its runtime or its budget runs out.",
     )
-    ap.add_argument("--job-dir", required=True, type=Path, help="the detached job's directory (holds exit_code)")
+    ap.add_argument("--job-dir", type=Path, default=Path("jobs/train"),
+                    help="the detached job's directory, holding its exit_code (default: jobs/train under the "
+                         "current directory, which is the workspace root for jobs remote/jobs.py starts)")
     ap.add_argument("--pod-id", default=os.environ.get("RUNPOD_POD_ID", ""), help="default: $RUNPOD_POD_ID")
     ap.add_argument("--stack", default=os.environ.get("ULTRASHAPE_STACK", ""),
                     help="stack name; with a Pulumi.<stack>.yaml at hand its settings are the defaults")
@@ -738,20 +764,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args) -> Settings:
-    idle, runtime, budget = args.idle_minutes, args.max_runtime_hours, args.budget_usd
-    stack_defaults = _stack_defaults(args.stack) if args.stack else {}
-    if idle is None:
-        idle = _env_float("ULTRASHAPE_AUTOSTOP_IDLE_MINUTES", stack_defaults.get("idle", 30.0))
-    if runtime is None:
-        runtime = _env_float("ULTRASHAPE_MAX_RUNTIME_HOURS", stack_defaults.get("runtime", 24.0))
-    if budget is None:
-        budget = _env_float("ULTRASHAPE_BUDGET_USD", stack_defaults.get("budget", 0.0))
+    # Precedence: the command line, then the stack file (shipped with the kit at the user's current revision,
+    # so fresher than the pod's environment, which was fixed at `pulumi up`), then that environment.
+    stack = _stack_defaults(args.stack) if args.stack else {}
+    idle = args.idle_minutes if args.idle_minutes is not None else stack.get(
+        "idle", _env_float("ULTRASHAPE_AUTOSTOP_IDLE_MINUTES", 30.0))
+    runtime = args.max_runtime_hours if args.max_runtime_hours is not None else stack.get(
+        "runtime", _env_float("ULTRASHAPE_MAX_RUNTIME_HOURS", 24.0))
+    budget = args.budget_usd if args.budget_usd is not None else stack.get(
+        "budget", _env_float("ULTRASHAPE_BUDGET_USD", 0.0))
     volume_ids = list(args.volume_id)
     env_vol = os.environ.get("ULTRASHAPE_NETWORK_VOLUME_ID", "").strip()
     if env_vol and env_vol not in volume_ids:
         volume_ids.append(env_vol)
     return Settings(
-        job_dir=args.job_dir, pod_id=args.pod_id, idle_minutes=idle, max_runtime_hours=runtime, budget_usd=budget,
+        job_dir=args.job_dir.absolute(), pod_id=args.pod_id, idle_minutes=idle, max_runtime_hours=runtime, budget_usd=budget,
         stack=args.stack, volume_ids=volume_ids, poll_s=args.poll_seconds, idle_util_pct=args.idle_util,
         gpu_probe_cmd=args.gpu_probe_cmd, flush_dirs=list(args.flush_dir),
         flush_timeout_s=args.flush_timeout_seconds, interrupt_grace_s=args.interrupt_grace_seconds,

@@ -21,10 +21,12 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from infra.runpod import PodRequest, RunPodClient
+from infra.resources import NetworkVolumeArgs, NetworkVolumeProvider, PodArgs, PodProvider
+from infra.runpod import RunPodClient
 from infra.stack_config import load_stack_config
 from remote.target import REPO
 
@@ -59,16 +61,22 @@ def world(tmp_path_factory):
             pub = cfg.public_key()
         finally:
             os.environ["HOME"] = old_home or ""
-        rp = RunPodClient(emu.api_key, emu.base_url)
+        # The same providers `pulumi up` runs (infra/resources.py), called directly: no Pulumi engine here.
+        api = {"apiKey": emu.api_key, "apiBase": emu.base_url}
         nv = cfg.network_volume
-        vol = rp.create_network_volume(name=nv.name, size_gb=nv.size_gb, data_center_id=nv.data_center_id)
-        req = PodRequest(
-            name=cfg.pod_name, image=cfg.image, gpu_type_id=cfg.gpu_types[0], gpu_count=cfg.gpu_count,
-            cloud=cfg.cloud_type, disk_gb=cfg.container_disk_gb, network_volume_id=vol.id, ports=cfg.ports,
-            env=cfg.pod_env(pub), data_center_ids=cfg.data_center_ids, min_cuda_version=cfg.min_cuda_version,
+        vol = NetworkVolumeProvider().create(
+            {**NetworkVolumeArgs(nv.name, nv.size_gb, nv.data_center_id, nv.type).props(), **api}
         )
-        pod = rp.create_pod_any(req, cfg.gpu_types)
-        rp.wait_for_pod(pod.id, poll=0.05)
+        args = PodArgs(
+            name=cfg.pod_name, gpu_types=cfg.gpu_types, gpu_count=cfg.gpu_count, cloud_type=cfg.cloud_type,
+            image=cfg.image, container_disk_gb=cfg.container_disk_gb, volume_gb=cfg.volume_gb,
+            network_volume_id=vol.id, ports=cfg.ports, env=cfg.pod_env(pub), data_center_ids=cfg.data_center_ids,
+            min_cuda_version=cfg.min_cuda_version, create_timeout_seconds=60,
+        )
+        created = PodProvider(poll_seconds=0.05).create({**args.props(), **api})
+        pod = SimpleNamespace(id=created.id)
+        assert created.outs["sshHost"] == "127.0.0.1" and created.outs["status"] == "RUNNING"
+        rp = RunPodClient(emu.api_key, emu.base_url)
         yield {"emu": emu, "env": env, "pod_id": pod.id, "base": base, "rp": rp}
 
 

@@ -247,7 +247,8 @@ class ShapeVAE(nn.Module):
         if voxel_idx is None:
             _, voxel_idx = voxelize(pc, cfg.num_latents, cfg.voxel_query_res, generator)
         centres = (voxel_idx.float() + 0.5) * (2.0 / cfg.voxel_query_res) - 1.0
-        n_in = min(pc.shape[1], voxel_idx.shape[1] * cfg.downsample_ratio)
+        # official: num_latents * downsample_ratio random points, whatever the actual token count
+        n_in = min(pc.shape[1], cfg.num_latents * cfg.downsample_ratio)
         sel = torch.randperm(pc.shape[1], generator=generator, device="cpu")[:n_in].to(pc.device)
         dtype = self.pre_kl.weight.dtype
         q = self.encoder.input_proj_q(self.fourier_embedder(centres).to(dtype))

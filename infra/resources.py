@@ -58,7 +58,7 @@ SECRET_OUTPUTS = ["apiKey", "env"]
 
 
 def _client(props: dict, sleep=None) -> RunPodClient:
-    kwargs = {"sleep": sleep} if sleep else {}
+    kwargs = {"sleep": sleep} if sleep is not None else {}
     return RunPodClient(api_key=props.get("apiKey") or None, base_url=props.get("apiBase") or None, **kwargs)
 
 
@@ -205,7 +205,7 @@ class PodProvider(ResourceProvider):
                     f"pod {pod_id} is RUNNING but SSH at {pod.ssh_host}:{pod.ssh_port} did not answer within "
                     f"{timeout:.0f} s; does the image start sshd from PUBLIC_KEY (RunPod's images do)?"
                 )
-            (self.sleep or time.sleep)(self.poll_seconds)
+            (time.sleep if self.sleep is None else self.sleep)(self.poll_seconds)
             pod = rp.get_pod(pod_id)
         return pod
 

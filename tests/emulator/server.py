@@ -204,7 +204,7 @@ class RunPodEmulator:
         self.lock = threading.RLock()
         self.host_key = self.root / "ssh" / "host_ed25519_key"
         self.user_key = self.root / "ssh" / "user_ed25519_key"
-        if self.ssh:
+        if self.ssh or shutil.which("ssh-keygen"):
             make_key(self.host_key, "runpod-emulator-host")
             make_key(self.user_key, "runpod-emulator-user")
         self._server: Optional[ThreadingHTTPServer] = None

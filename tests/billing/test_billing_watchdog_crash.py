@@ -1,0 +1,176 @@
+"""A crashed watchdog must not leave the pod running forever.
+
+RunPod's API offers no server-side backstop for pods (no TTL, idle timeout or spend cap on a pod), so the
+second line of defence is ours: a supervisor that restarts a dead worker and, when the worker keeps dying,
+stops the pod itself; a worker that carries on when its supervisor is killed. These tests kill them with
+SIGKILL, as the OOM killer would, and watch the emulator's pod. What remains (both killed at once) is tested
+too: the pod keeps running and the heartbeat says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra import watchdog as wd
+from infra.runpod import RunPodClient
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def live_emu(tmp_path):
+    from tests.emulator import RunPodEmulator
+
+    with RunPodEmulator(tmp_path, ssh=False) as emu:  # wall-clock time: real processes sleep for real
+        yield emu
+
+
+@pytest.fixture
+def procs():
+    """Every pid a test started or learnt of; all are SIGKILLed at the end, whatever happened."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def running_pod(emu, make_pod):
+    client = RunPodClient(emu.api_key, emu.base_url)
+    return make_pod(emu, client), client
+
+
+def spawn(emu, pod_id, job_dir: Path, *extra: str) -> subprocess.Popen:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    util = job_dir.parent / "gpu_util"
+    util.write_text("90\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ULTRASHAPE_", "RUNPOD_"))}
+    env.update(emu.client_env(), RUNPOD_POD_ID=pod_id, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "infra.watchdog", "--job-dir", str(job_dir), "--poll-seconds", "0.2",
+           "--idle-minutes", "0", "--max-runtime-hours", "0", "--budget-usd", "0",
+           "--gpu-probe-cmd", f"cat {util}", "--flush-timeout-seconds", "5", "--interrupt-grace-seconds", "0", *extra]
+    out = open(job_dir.parent / "watchdog.stderr", "ab")
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(pred, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker_pid(job_dir: Path, other_than=None):
+    st = wd.State.load(job_dir / wd.STATE_FILE)
+    if st and st.worker_pid and st.worker_pid != other_than and st.last_check:
+        return st.worker_pid
+    return None
+
+
+def end_job(job_dir: Path, code: int = 0) -> float:
+    wd.atomic_write(job_dir / "exit_code", f"{code}\n")
+    return time.time()
+
+
+def events(job_dir):
+    return [json.loads(x)["event"] for x in (job_dir / wd.LOG_FILE).read_text().splitlines()]
+
+
+def test_killed_worker_is_restarted_and_still_stops_the_pod(live_emu, make_pod, tmp_path, procs):
+    pod, client = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "train"
+    sup = spawn(live_emu, pod.id, job_dir)
+    procs.append(sup.pid)
+    first = wait_for(lambda: worker_pid(job_dir), what="the first worker")
+    procs.append(first)
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(lambda: worker_pid(job_dir, other_than=first), what="a restarted worker")
+    procs.append(second)
+    assert client.get_pod(pod.id).status == "RUNNING"
+    t_end = end_job(job_dir)
+    wait_for(lambda: live_emu.pod(pod.id).status == "EXITED", what="the pod to stop")
+    assert live_emu.pod(pod.id).status_since - t_end < 5.0
+    assert sup.wait(timeout=20) == 0
+    ev = events(job_dir)
+    assert "worker-died" in ev and "resume" in ev and "stopped" in ev
+    st = wd.State.load(job_dir / wd.STATE_FILE)
+    assert st.restarts == 1 and st.reason == "job-ended"
+
+
+def test_killed_supervisor_leaves_a_worker_that_still_stops_the_pod(live_emu, make_pod, tmp_path, procs):
+    pod, _ = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "train"
+    sup = spawn(live_emu, pod.id, job_dir)
+    procs.append(sup.pid)
+    worker = wait_for(lambda: worker_pid(job_dir), what="the worker")
+    procs.append(worker)
+    sup.kill()  # SIGKILL: no cleanup, no goodbye
+    sup.wait(timeout=10)
+    t_end = end_job(job_dir, code=3)
+    wait_for(lambda: live_emu.pod(pod.id).status == "EXITED", what="the pod to stop")
+    assert live_emu.pod(pod.id).status_since - t_end < 5.0
+
+
+def test_worker_crash_loop_makes_the_supervisor_stop_the_pod(live_emu, make_pod, tmp_path, procs):
+    pod, _ = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "train"
+    sup = spawn(live_emu, pod.id, job_dir, "--max-restarts", "1")
+    procs.append(sup.pid)
+    first = wait_for(lambda: worker_pid(job_dir), what="the first worker")
+    procs.append(first)
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(lambda: worker_pid(job_dir, other_than=first), what="a restarted worker")
+    procs.append(second)
+    os.kill(second, signal.SIGKILL)
+    # The job is still running and busy, but nobody can watch it: the supervisor stops the pod.
+    wait_for(lambda: live_emu.pod(pod.id).status == "EXITED", timeout=30, what="the supervisor's stop")
+    assert sup.wait(timeout=20) == 0
+    assert "crash-loop" in events(job_dir)
+    assert wd.State.load(job_dir / wd.STATE_FILE).reason == "watchdog-crash-loop"
+
+
+def test_a_second_start_does_not_double_watch(live_emu, make_pod, tmp_path, procs):
+    pod, _ = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "train"
+    sup = spawn(live_emu, pod.id, job_dir)
+    procs.append(sup.pid)
+    procs.append(wait_for(lambda: worker_pid(job_dir), what="the worker"))
+    again = spawn(live_emu, pod.id, job_dir)  # `fab train` run twice
+    assert again.wait(timeout=20) == 0
+    assert sup.poll() is None  # the first one still watches
+    end_job(job_dir)
+    wait_for(lambda: live_emu.pod(pod.id).status == "EXITED", what="the pod to stop")
+
+
+def test_what_remains_both_killed_pod_keeps_running_and_heartbeat_says_so(live_emu, make_pod, tmp_path, procs):
+    """No server-side backstop exists: with supervisor and worker both killed, only the heartbeat tells."""
+    pod, client = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "train"
+    sup = spawn(live_emu, pod.id, job_dir)
+    procs.append(sup.pid)
+    worker = wait_for(lambda: worker_pid(job_dir), what="the worker")
+    procs.append(worker)
+    text = (job_dir / wd.STATE_FILE).read_text()
+    assert wd.health(text).running
+    sup.kill()
+    os.kill(worker, signal.SIGKILL)
+    sup.wait(timeout=10)
+    end_job(job_dir)
+    time.sleep(1.0)
+    assert client.get_pod(pod.id).status == "RUNNING"  # the gap: nothing on RunPod's side stops it
+    h = wd.health((job_dir / wd.STATE_FILE).read_text(), now=time.time() + 120)
+    assert not h.running and "NOT RUNNING" in h.message and "fab teardown" in h.message

@@ -237,3 +237,19 @@ def test_billing_follows_the_clock(tmp_path):
         assert emu.spend_usd() == pytest.approx(rep.total_amount, abs=1e-5)
         with pytest.raises(ValueError):
             rp.pod_billing(pod.id, last_n=1, start_time="2026-01-01T00:00:00Z")
+
+
+def test_catalog_cli_quotes_each_stack(emu, monkeypatch, capsys):
+    from infra.catalog import main
+
+    for k, v in emu.client_env().items():
+        monkeypatch.setenv(k, v)
+    emu.out_of_capacity("NVIDIA H100 80GB HBM3")
+    assert main(["--stack", "a40", "--stack", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "a40: 1x GPU, SECURE cloud" in out
+    import re
+
+    assert re.search(r"NVIDIA A40 +\$0\.40/h +availability HIGH", out)
+    assert re.search(r"NVIDIA H100 80GB HBM3 +\$2\.69/h +availability NONE", out)
+    assert re.search(r"NVIDIA H100 PCIe +\$2\.39/h +availability HIGH", out)

@@ -1,11 +1,11 @@
 """The emulator's GPU and data-center catalog.
 
-Prices are USD/h for one GPU. The OpenAPI document gives only one example (RTX 4090: 0.44 secure,
-0.31 community, in the listGpuTypes example); the A40 and H100 figures are RunPod's public list
-prices as summarised by third parties in 2026 (e.g. spheron.network, "RunPod H100 Pricing 2026",
-May 2026: H100 SXM about $2.69/h and H100 PCIe about $2.79/h on Secure Cloud, community $1.80-2.40).
-They only have to be plausible here: the README tells users to read live prices with
-`python -m infra.catalog`, which asks the real API.
+Prices are USD/h for one GPU. The OpenAPI document gives only one example price (RTX 4090: 0.44
+secure, 0.31 community, in the listGpuTypes example) and none for the A40 or the H100s. The figures
+below are RunPod's public list prices as recalled from its 2025 pricing page (not verified:
+there is no network here). Third-party summaries disagree by up to ~$0.40/h (e.g.
+spheron.network, May 2026, quotes the H100 SXM at about $2.69/h secure but the PCIe at about $2.79/h).
+They only have to be plausible for tests; users read live prices with `python -m infra.catalog`.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ TRAIN_HELP = {
     "limit": "sync only the first N meshes",
     "fresh": "start a new run even if an earlier one can be resumed",
     "follow": "stream the log (Ctrl-C detaches; training goes on)",
+    "autostop": "start the pod's watchdog (stops it when training ends, idles or hits the budget); "
+                "--no-autostop if you will stop it yourself",
     "overrides": "training config overrides, e.g. \"train.max_steps=2000 optim.lr=5e-6\"",
 }
 
@@ -96,7 +98,8 @@ def can_resume(t: Target) -> bool:
 
 
 @task(help=TRAIN_HELP)
-def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=False, follow=True, overrides=""):
+def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=False, follow=True, overrides="",
+          autostop=True):
     """Do whatever is missing (setup, sync, process, weights), then train detached and follow it."""
     train_cfg = config_path("train", config, tiny)
     tiny = tiny or train_cfg.endswith("-tiny.yaml")
@@ -114,7 +117,7 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             synced = do_sync(t, src, limit)
         elif not t.exists(t.path(INPUT)):
             raise SystemExit(f"error: {src}: no meshes here and none on {t.name}; put meshes in {src} or pass --src DIR")
-        if synced is None or synced.transferred > 0 or not processing_done(t):
+        if (synced is not None and synced.transferred > 0) or not processing_done(t):
             do_process(t, proc_cfg)
         else:
             say(f"[{t.name}] process: data/output is up to date with data/input")
@@ -129,15 +132,18 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
         gpus = t.pod.gpu_count if t.kind == "pod" and t.pod is not None else 1
         if gpus > 1:
             # One process per GPU on the pod's one host; DeepSpeed's launcher sets the ranks.
-            cmd = " ".join([shlex.quote(t.venv + "/bin/deepspeed"), "--num_gpus", str(gpus), "-m", "ml.training",
-                            *map(shlex.quote, args)])
+            # (`python -m deepspeed.launcher.runner` is the `deepspeed` command, found whether the package sits in
+            # the venv or in the image's system site-packages.)
+            cmd = py(t, "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--module", "ml.training", *args)
         else:
             cmd = py(t, "ml.training", *args)
         run_job(t, "train", cmd, follow=False)
-        start_watchdog(t, "train")
+        if autostop:
+            start_watchdog(t, "train")
+        elif t.kind == "pod":
+            say(f"[{t.name}] no watchdog (--no-autostop): this pod bills until `fab teardown --stack {t.name}`")
         if follow:
             follow_job(t, "train")
-        if follow:
             status_lines(t)
 
 

@@ -205,7 +205,8 @@ def follow(
             session=SESSION_PREFIX + name,
             interval=interval,
         )
-        proc = target.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        # Its own session: Ctrl-C reaches only us, so it reads as "detach", never as a dropped connection.
+        proc = target.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             assert proc.stdout is not None
             while True:

@@ -1,0 +1,46 @@
+"""Fine-tune the UltraShape refine DiT.
+
+    python -m ml.training --config configs/train_dit_refine.yaml [--resume [PATH|latest]] [key=value ...]
+    deepspeed --num_gpus 2 -m ml.training --config configs/train_dit_refine.yaml   # several GPUs, one host
+
+key=value overrides use dotted config keys, e.g. train.max_steps=2000 optim.lr=5e-6 deepspeed.zero_stage=3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ml.config import ConfigError, load_config, parse_overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m ml.training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, required=True, help="training YAML (configs/train_dit_refine*.yaml)")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH|latest",
+                    help="continue a run: 'latest' (default), a run folder or a checkpoints/step_N folder")
+    # `deepspeed` passes --local_rank=N; LOCAL_RANK in the environment carries the same.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    try:
+        from ml.training.config import TrainConfig
+
+        cfg = load_config(args.config, TrainConfig, parse_overrides(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from ml.training.trainer import Trainer
+
+    trainer = Trainer(cfg, args.config, args.resume, ["-m", "ml.training"] + argv)
+    run_dir = trainer.fit()
+    if trainer.is_main:
+        print(f"done: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

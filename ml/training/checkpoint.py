@@ -1,0 +1,197 @@
+"""Atomic, resumable checkpoints of a DeepSpeed run, and `--resume` resolution.
+
+Layout of a run's checkpoints/ folder:
+
+    step_0000100/          DeepSpeed files (weights, ZeRO optimizer partitions, LR scheduler, client state)
+                           + rng_rank<r>.pt (python, numpy, torch and CUDA generator states of rank r)
+    step_0000200/
+    latest                 text: the newest complete step folder's name
+
+Every rank writes into `.tmp-step_NNNNNNN/`; after a barrier rank 0 renames it to `step_NNNNNNN/` and then
+replaces `latest` (write temp + os.replace). A kill at any moment leaves either the previous checkpoint as
+`latest` or the new one, never a half-written one that `latest` names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TAG_FMT = "step_{:07d}"
+UNIVERSAL_SUFFIX = "-universal"
+
+
+class ResumeError(RuntimeError):
+    """--resume cannot find or use a checkpoint."""
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int, rank: int) -> Path:
+    """Collective: every rank must call it. Returns the final folder."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tag = TAG_FMT.format(step)
+    tmp_tag = f".tmp-{tag}"
+    final, tmp = ckpt_dir / tag, ckpt_dir / tmp_tag
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while saving
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:  # a small readable copy of the trainer state, for status tools and humans
+        write_json(tmp / "trainer_state.json", client_state)
+    _barrier()
+    if rank == 0:
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again after a resume: the new one replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckpt_dir / "latest", tag + "\n")
+        _prune(ckpt_dir, keep, protect=tag)
+    _barrier()
+    return final
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in d.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _prune(ckpt_dir: Path, keep: int, protect: str) -> None:
+    steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{7}", p.name))
+    for p in steps[: max(len(steps) - keep, 0)]:
+        if p.name != protect:
+            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(p.with_name(p.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def latest_in(run_dir: Path) -> Path | None:
+    ck = run_dir / "checkpoints"
+    f = ck / "latest"
+    if not f.is_file():
+        return None
+    p = ck / f.read_text().strip()
+    return p if p.is_dir() else None
+
+
+def resolve_resume(arg: str, output_dir: Path, run_id: str | None) -> Path:
+    """--resume value -> a step folder.
+
+    'latest': the run named by run.run_id if set, else the run under output_dir whose latest checkpoint is
+    newest. A path: a step folder, or a run folder (its latest checkpoint).
+    """
+    if arg != "latest":
+        p = Path(arg)
+        if (p / "latest").is_file() and p.name == "checkpoints":
+            p = p.parent
+        if (p / "checkpoints").is_dir():
+            found = latest_in(p)
+            if found is None:
+                raise ResumeError(f"{p}: this run has no complete checkpoint yet (no checkpoints/latest)")
+            return found
+        if p.is_dir() and p.name.startswith("step_") and (p.parent.parent / "config.json").is_file():
+            return p
+        raise ResumeError(f"--resume {arg}: not a run folder (outputs/<run_id>) nor a checkpoint (…/checkpoints/step_N)")
+    if run_id:
+        found = latest_in(output_dir / run_id)
+        if found is None:
+            raise ResumeError(f"--resume latest: {output_dir / run_id} has no complete checkpoint")
+        return found
+    cands = [c for c in (latest_in(r) for r in output_dir.glob("*") if r.is_dir()) if c is not None]
+    if not cands:
+        raise ResumeError(f"--resume latest: no run under {output_dir} has a checkpoint; start without --resume")
+    return max(cands, key=lambda c: (c.parent / "latest").stat().st_mtime)
+
+
+def saved_world_size(step_dir: Path) -> int:
+    return int(read_trainer_state(step_dir)["world_size"])
+
+
+def ensure_universal(step_dir: Path, rank: int) -> Path:
+    """Collective. DeepSpeed's ZeRO files are cut per rank; to resume on another number of GPUs, convert the
+    checkpoint once to DeepSpeed's universal format (one file per parameter and optimizer moment), kept beside
+    it as `step_N-universal/`. The engine must then be built with checkpoint.load_universal (see engine.py)."""
+    out = step_dir.with_name(step_dir.name + UNIVERSAL_SUFFIX)
+    if rank == 0 and not out.is_dir():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = step_dir.with_name(f".tmp-{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint (world size changed)", step_dir)
+        # inject_missing_state: plain (non-Megatron) runs carry no universal_checkpoint_info; DeepSpeed adds it
+        ds_to_universal(argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp), num_extract_workers=4,
+                                           num_merge_workers=2, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=True))
+        os.replace(tmp, out)
+    _barrier()
+    return out
+
+
+def load(engine, step_dir: Path, rank: int, world_size: int, universal: Path | None = None) -> dict[str, Any]:
+    """Collective. Restores weights, optimizer, LR schedule and (same world size) RNG; returns the trainer state."""
+    src = universal or step_dir
+    path, _ = engine.load_checkpoint(
+        str(src.parent), tag=src.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise ResumeError(f"{src}: DeepSpeed could not load this checkpoint (see the log above)")
+    client = read_trainer_state(step_dir)
+    saved_ws = client.get("world_size", world_size)
+    rng_file = step_dir / f"rng_rank{rank}.pt"
+    if saved_ws == world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    elif rank == 0:
+        log.warning("checkpoint written by %d ranks, resuming on %d: RNG streams restart from the seed", saved_ws, world_size)
+    return client
+
+
+def read_trainer_state(step_dir: Path) -> dict[str, Any]:
+    """The trainer's state (step, data position, world size...) without building an engine."""
+    return json.loads((step_dir / "trainer_state.json").read_text())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

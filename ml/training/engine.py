@@ -1,0 +1,265 @@
+"""DeepSpeed set-up from TrainConfig: ZeRO stage, offload, bf16, accumulation, clipping, the LR schedule,
+activation checkpointing and LoRA adapters.
+
+    ds_cfg = deepspeed_config(cfg, world_size)
+    engine = build_engine(dit, cfg, world_size)     # dit: the trainable RefineDiT (frozen parts stay outside)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ml.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- LR schedule
+def lr_factor(step: int, warmup_steps: int, max_steps: int, warmup_start: float, min_ratio: float) -> float:
+    """Linear warm-up from `warmup_start` to 1, then a cosine from 1 down to `min_ratio` at `max_steps`
+    (the official LambdaWarmUpCosineFactorScheduler shape, with max_steps the run's real length)."""
+    if step < warmup_steps:
+        return warmup_start + (1.0 - warmup_start) * step / warmup_steps
+    span = max(max_steps - warmup_steps, 1)
+    t = min((step - warmup_steps) / span, 1.0)
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * t))
+
+
+def make_lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    o, t = cfg.optim, cfg.train
+    return lambda step: lr_factor(step, o.warmup_steps, t.max_steps, o.warmup_start, o.min_lr_ratio)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    d, t, o = cfg.deepspeed, cfg.train, cfg.optim
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.zero_stage >= 1:
+        zero.update(
+            overlap_comm=d.overlap_comm and d.zero_stage >= 2,
+            reduce_bucket_size=d.reduce_bucket_size,
+            contiguous_gradients=True,
+        )
+    if d.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=d.reduce_bucket_size,
+            stage3_param_persistence_threshold=100_000,
+            # export/ gathers the 16-bit weights itself; DeepSpeed need not do it at every checkpoint.
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": d.bf16},
+        "zero_optimization": zero,
+        # Our AdamW is torch's (fused on CUDA); DeepSpeed calls it "untested" but drives it like its own.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if d.bf16:
+        # Accumulate gradients in fp32 across micro-batches: with grad_accum > 1, bf16 accumulation loses bits.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if d.offload_optimizer:
+        # ZeRO-Offload needs DeepSpeed's CPU Adam (a compiled op); DeepSpeed builds it from this entry.
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+        }
+    return ds
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    # No weight decay on norms, biases and 1-D scales: the usual AdamW practice (official no_decay list).
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kw: dict[str, Any] = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if torch.cuda.is_available():
+        kw["fused"] = True  # one kernel over all tensors
+    return torch.optim.AdamW(groups, **kw)
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size). Works under `deepspeed`/`torchrun` and as a plain single process."""
+    import deepspeed
+
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = cfg.deepspeed.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, load_universal: bool = False):
+    """deepspeed.initialize over the trainable module, with our AdamW (or DeepSpeed's CPU Adam when offloading)
+    and the warm-up + cosine schedule stepped once per optimizer step."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("no trainable parameters: check model.lora.target_modules against the model")
+    ds_cfg = deepspeed_config(cfg, world_size)
+    if load_universal:  # resuming a checkpoint written by another number of ranks (checkpoint.ensure_universal)
+        ds_cfg["checkpoint"] = {"load_universal": True}
+    lam = make_lr_lambda(cfg)
+    if cfg.deepspeed.offload_optimizer:
+        engine, optimizer, _, sched = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=ds_cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam),
+        )
+    else:
+        opt = build_optimizer(params, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        engine, optimizer, _, sched = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, lr_scheduler=sched)
+    return engine
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every transformer block of `model` in backward. The block's forward is wrapped in place, so
+    parameter names (and so checkpoints and exports) do not change. Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
+            for blk in mod:
+                if getattr(blk, "_act_ckpt", False):
+                    continue
+                inner = blk.forward
+
+                def fwd(*args, _inner=inner, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _inner(*args, **kwargs)
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+                blk.forward = fwd
+                blk._act_ckpt = True
+                n += 1
+    if n == 0:
+        raise RuntimeError("activation checkpointing: found no '*blocks' ModuleList in the model")
+    return n
+
+
+# ----------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Linear):
+    """nn.Linear with a frozen base weight and a trainable low-rank update B @ A (scale alpha / r).
+    It keeps `weight`/`bias` as a Linear does, so the base keys of the state dict keep their names."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: training starts exactly at the base model
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + (self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype) * self.scale
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> int:
+    """Freeze `model` and put adapters on every nn.Linear whose name ends with one of `targets`."""
+    model.requires_grad_(False)
+    pat = re.compile(r"(^|\.)(" + "|".join(re.escape(t) for t in targets) + r")$")
+    hits = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and pat.search(n)]
+    if not hits:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise RuntimeError(f"model.lora.target_modules {targets} match no nn.Linear; the model has: {linears}")
+    for name, lin in hits:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], LoRALinear(lin, rank, alpha))
+    return len(hits)
+
+
+def merge_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with every adapter folded into its base weight and no lora_* keys: the released layout."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{name}.weight"] = m.merged_weight().detach()
+    return sd
+
+
+# ----------------------------------------------------------------------------- MoE under data parallelism
+def run_every_expert(model: nn.Module) -> int:
+    """Make each MoE block call every expert in every forward, also experts that were routed no token.
+
+    Why: ml.models' MoE skips an expert with no tokens, so that expert's weights get no gradient in that
+    backward. With several ranks, ZeRO-2/3 reduce gradients in the order their hooks fire; a rank where an
+    expert was skipped fires a different sequence and the collectives no longer match (gloo: "Received data
+    size doesn't match expected size"; NCCL: a hang). Calling an expert on zero rows costs nothing and gives
+    its weights an all-zero gradient, so every rank fires every hook in the same order. The routing and the
+    result are unchanged (tests/ml/training/test_training_engine.py checks it against the model's own forward).
+    Returns the number of MoE blocks patched."""
+    import types
+
+    from ml.models.dit import MoE, _InjectAuxLoss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scores = torch.nn.functional.linear(flat, self.gate.weight).softmax(dim=-1)
+        topk_w, topk_idx = torch.topk(scores, self.top_k, dim=-1)
+        y = torch.zeros_like(flat)
+        order = topk_idx.flatten().argsort()
+        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()
+        tok = order // self.top_k
+        w = topk_w.flatten()[order].unsqueeze(-1)
+        start = 0
+        for e, n in enumerate(counts):  # no `if n:` -- the one difference
+            sel = tok[start:start + n]
+            y.index_add_(0, sel, (self.experts[e](flat[sel]) * w[start:start + n]).to(y.dtype))
+            start += n
+        y = y.view(shape)
+        if self.training and self.aux_alpha > 0:
+            E = len(self.experts)
+            f = torch.nn.functional.one_hot(topk_idx.flatten(), E).float().mean(0) * E
+            aux = (scores.float().mean(0) * f).sum() * self.aux_alpha
+            self.aux_loss = aux.detach()
+            y = _InjectAuxLoss.apply(y, aux)
+        return y + self.shared_experts(x)
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.forward = types.MethodType(forward, m)
+            n += 1
+    return n

@@ -1,0 +1,155 @@
+"""The models of a training run and the loss of one micro-batch.
+
+Frozen: the ShapeVAE encoder (surface points -> latents + voxel indices) and the DINOv2 conditioner (view ->
+image tokens); they stay outside DeepSpeed, in bf16 on the GPU. Trained: the RefineDiT, inside the engine.
+
+    loss = mean || DiT(t x1 + (1-t) x0, t, image tokens, voxel idx) - (x1 - x0) ||^2,  t ~ U[0,1], x0 ~ N(0, I)
+
+with the image tokens zeroed for a `model.cfg_drop` share of samples (classifier-free guidance), as the
+official trainer does. The MoE load-balancing loss enters through the DiT's own backward (see ml.models.dit).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ml.models.checkpoint import UltraShapeModels, build_models as _build, load_checkpoint, materialize
+from ml.models.flow_matching import flow_matching_loss
+from ml.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainModels:
+    def __init__(self, models: UltraShapeModels, cfg: TrainConfig, device: torch.device, cache_dir: Path | None):
+        self.cfg = cfg
+        self.device = device
+        self.dit = models.dit
+        enc_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.vae = models.vae.to(device, enc_dtype).eval().requires_grad_(False)
+        self.conditioner = models.conditioner.to(device, enc_dtype).eval().requires_grad_(False)
+        self.cache_dir = cache_dir
+        self.last_tokens: int | None = None
+        self.flops: dict[str, float] = {}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- frozen encoders
+    @torch.no_grad()
+    def encode(self, batch: dict[str, Any], gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> DiT-space latents x1 (B, K, C) float32 and voxel indices (B, K, 3)."""
+        vae = self.vae
+        dtype = vae.pre_kl.weight.dtype
+        if self.cache_dir is None:
+            z, vidx = vae.encode(batch["surface"].to(self.device, dtype), sample_posterior=True, generator=gen)
+            self.last_tokens = z.shape[1]
+            return z.float(), vidx
+        # Latent cache: the posterior (mean, logvar) and voxel indices of the first encoding of each sample,
+        # so later epochs skip the encoder; a fresh posterior sample is still drawn every time.
+        means, logvars, vidxs = [], [], []
+        for i, uid in enumerate(batch["uid"]):
+            f = self.cache_dir / f"{uid}.pt"
+            if f.is_file():
+                m, lv, vi = torch.load(f, map_location=self.device)
+            else:
+                m, lv, vi = vae.encode_tokens(batch["surface"][i : i + 1].to(self.device, dtype), generator=gen)
+                tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+                torch.save((m.cpu(), lv.cpu(), vi.cpu()), tmp)
+                os.replace(tmp, f)
+            means.append(m), logvars.append(lv), vidxs.append(vi)
+        k = min(m.shape[1] for m in means)  # the official rule: the batch shares the smallest token count
+        mean = torch.cat([m[:, :k] for m in means]).float()
+        logvar = torch.cat([lv[:, :k] for lv in logvars]).float()
+        vidx = torch.cat([v[:, :k] for v in vidxs]).to(self.device)
+        noise = torch.randn(mean.shape, generator=gen, device=gen.device if gen is not None else self.device)
+        z = (mean + torch.exp(0.5 * logvar) * noise.to(mean)) * vae.cfg.scale_factor
+        self.last_tokens = k
+        return z, vidx
+
+    @torch.no_grad()
+    def condition(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> image tokens (B, S, D) and token mask (B, S) (True = real token)."""
+        dtype = next(self.conditioner.parameters()).dtype
+        return self.conditioner(batch["image"].to(self.device, dtype), batch["mask"].to(self.device, dtype))
+
+    # ---- the loss of one micro-batch
+    def loss(self, engine, batch: dict[str, Any], train: bool, gen: torch.Generator | None = None,
+             count_flops: bool = False) -> torch.Tensor:
+        if count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            enc_fc = FlopCounterMode(display=False)
+            with enc_fc:
+                x1, vidx, cond, cond_mask = self._inputs(batch, train, gen)
+            dit_fc = FlopCounterMode(display=False)
+            with dit_fc:
+                loss = self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
+            self.flops = {"encoders": float(enc_fc.get_total_flops()), "dit_forward": float(dit_fc.get_total_flops()),
+                          "samples": float(x1.shape[0])}
+            return loss
+        x1, vidx, cond, cond_mask = self._inputs(batch, train, gen)
+        return self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
+
+    def _inputs(self, batch, train, gen):
+        x1, vidx = self.encode(batch, gen)
+        cond, cond_mask = self.condition(batch)
+        p = self.cfg.model.cfg_drop
+        if train and p > 0:
+            r = torch.rand(cond.shape[0], generator=gen, device=gen.device if gen is not None else self.device)
+            dropped = (r < p).to(cond.device)
+            # official: a dropped sample's tokens become zeros, all of them real (no padding)
+            cond = torch.where(dropped[:, None, None], torch.zeros_like(cond), cond)
+            cond_mask = cond_mask | dropped[:, None]
+        return x1, vidx, cond, cond_mask
+
+    def _dit_loss(self, engine, x1, vidx, cond, cond_mask, gen):
+        dt = _param_dtype(engine)
+
+        def velocity(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return engine(xt.to(dt), t.to(dt), cond.to(dt), vidx, cond_mask)
+
+        return flow_matching_loss(velocity, x1, generator=gen)
+
+    def train_flops_per_sample(self) -> float | None:
+        """Model FLOPs of one training sample: encoders forward + DiT forward and backward (3x forward).
+        Recomputation by activation checkpointing is not counted (MFU's convention)."""
+        if not self.flops:
+            return None
+        return (self.flops["encoders"] + 3.0 * self.flops["dit_forward"]) / self.flops["samples"]
+
+    def moe_aux_loss(self) -> float | None:
+        v = self.dit.moe_aux_loss() if hasattr(self.dit, "moe_aux_loss") else None
+        return None if v is None else float(v)
+
+
+def _param_dtype(engine) -> torch.dtype:
+    if getattr(engine, "bfloat16_enabled", lambda: False)():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_models(cfg: TrainConfig, device: torch.device, cache_dir: Path | None = None) -> TrainModels:
+    """Build VAE + DiT + conditioner at cfg.model.arch and load cfg.model.weights strictly (all three parts)."""
+    arch = cfg.model.arch
+    if cfg.model.weights is not None:
+        models = materialize(_build(arch, device="meta"), device="cpu")
+        meta = load_checkpoint(models, cfg.model.weights)
+        log.info("loaded %s (strict: vae, dit, conditioner)%s", cfg.model.weights,
+                 f" meta {sorted(meta)}" if meta else "")
+    else:
+        # Random init (tests and the tiny demo). Seeded so every rank builds the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            models = _build(arch, device="cpu")
+        log.warning("model.weights is null: the DiT starts from random weights, not the released checkpoint")
+    return TrainModels(models, cfg, device, cache_dir)
+
+
+def count_params(m: nn.Module) -> tuple[int, int]:
+    return sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad)

@@ -125,8 +125,9 @@ class PodProvider(ResourceProvider):
         placed_dc = olds.get("dataCenterId")
         if news.get("dataCenterIds") and placed_dc and placed_dc not in news["dataCenterIds"]:
             replaces.append("dataCenterIds")
-        changed = [k for k in set(olds) | set(news)
-                   if k not in POD_META_KEYS and k in news and olds.get(k) != news.get(k)]
+        # Only inputs count: the output placeholders the program declares (podId: None, ...) and the
+        # provider-steering keys (apiKey, apiBase, createTimeoutSeconds) never mean a change to the pod.
+        changed = [k for k in _INPUT_KEYS if k not in POD_META_KEYS and olds.get(k) != news.get(k)]
         return DiffResult(
             changes=bool(replaces or changed),
             replaces=replaces,

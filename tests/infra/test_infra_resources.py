@@ -108,7 +108,10 @@ def test_existing_pod_with_the_name_is_adopted_not_duplicated(emu):
 def test_diff_replaces_for_gpu_image_disk_and_updates_env_in_place(emu):
     prov = PodProvider()
     olds = {**props(emu), "gpuTypeId": H100[0], "dataCenterId": "EU-RO-1", "podId": "x"}
-    news = props(emu)
+    # As the engine passes them: the program's inputs plus the output placeholders it declares.
+    from infra.resources import _POD_OUTPUTS
+
+    news = {**props(emu), **{k: None for k in _POD_OUTPUTS}}
     d = prov.diff("x", olds, news)
     assert not d.changes and not d.replaces
     for key, value in [("image", "runpod/pytorch:2.0"), ("containerDiskGb", 80), ("volumeGb", 40),

@@ -29,6 +29,7 @@ from ml.serving.guard import INFER_PATH, OPEN_PATHS, Guard, GuardSettings
 from ml.serving.validation import (
     IMAGE_FIELD,
     MESH_FIELD,
+    MIN_STEPS,
     RequestError,
     check_part_size,
     decode_image,
@@ -79,9 +80,16 @@ def _attach_deadline(pipeline: Any, deadline: _Deadline, max_depth: int = 3) -> 
     """Hook every torch module the pipeline holds, down to max_depth (blocks, not every Linear)."""
     import torch
 
-    roots = [pipeline] if isinstance(pipeline, torch.nn.Module) else [
-        v for v in vars(pipeline).values() if isinstance(v, torch.nn.Module)
-    ]
+    roots: list[torch.nn.Module] = []
+    if isinstance(pipeline, torch.nn.Module):
+        roots.append(pipeline)
+    for v in vars(pipeline).values():
+        if isinstance(v, torch.nn.Module):
+            roots.append(v)
+        elif callable(getattr(v, "parts", None)):  # ml.models UltraShapeModels: {"vae", "dit", "conditioner"}
+            roots.extend(m for m in v.parts().values() if isinstance(m, torch.nn.Module))
+    if not roots:
+        raise TypeError(f"{type(pipeline).__name__} holds no torch modules; the request timeout cannot be enforced")
     seen: set[int] = set()
     n = 0
 
@@ -125,9 +133,11 @@ class RefineAPI(ls.LitAPI):
         t0 = time.perf_counter()
         self.pipeline = RefinePipeline.from_checkpoint(self.ckpt, self.model_config, device=device)
         n_hooks = _attach_deadline(self.pipeline, self._deadline)
-        log.info(
-            "model loaded from %s on %s in %.1f s (%d modules watched for the %g s request timeout)",
-            self.ckpt, device, time.perf_counter() - t0, n_hooks, self.cfg.request_timeout_s,
+        # print, not log: LitServe does not configure logging in its spawned worker processes.
+        print(
+            f"ml.serving: model loaded from {self.ckpt} on {device} in {time.perf_counter() - t0:.1f} s "
+            f"({n_hooks} modules watched for the {self.cfg.request_timeout_s:g} s request timeout)",
+            flush=True,
         )
 
     def decode_request(self, request) -> dict[str, Any]:
@@ -141,7 +151,7 @@ class RefineAPI(ls.LitAPI):
                 f.seek(0)
                 data[name] = f.read()
                 check_part_size(name, len(data[name]), self.cfg.limits)
-            params = parse_params(fields, self.cfg.defaults, self.cfg.limits)
+            params = parse_params(fields, self.cfg.defaults, self.cfg.limits, self.cfg.request_timeout_s)
             image = decode_image(data[IMAGE_FIELD], self.cfg.limits)
             mesh = decode_mesh(data[MESH_FIELD], self.cfg.limits)
         except RequestError as e:
@@ -152,43 +162,52 @@ class RefineAPI(ls.LitAPI):
         import torch
 
         p = x["params"]
-        self._deadline.start(self.cfg.request_timeout_s)
+        self._deadline.start(p.timeout_s if p.timeout_s is not None else self.cfg.request_timeout_s)
         try:
-            return self.pipeline(
+            out = self.pipeline(
                 x["image"],
                 x["mesh"],
                 steps=p.steps,
                 guidance=p.guidance,
                 octree_resolution=p.octree_resolution,
                 seed=p.seed,
+                image_name=IMAGE_FIELD,
+                mesh_name=MESH_FIELD,
             )
+            return out, dict(getattr(self.pipeline, "timings", {}) or {})
         except RefineTimeout as e:
             raise HTTPException(
                 504,
                 {"code": "timeout", "message": f"{e}; lower 'steps' or 'octree_resolution', or ask for a longer limit"},
             ) from None
         except ValueError as e:
-            # ml.refine raises ValueError for inputs it cannot refine (its message says why).
+            # ml.refine raises ValueError for inputs it cannot refine (its message says why and what to do).
             raise HTTPException(422, {"code": "unrefinable_input", "message": str(e)}) from None
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise HTTPException(
                 503, {"code": "out_of_memory", "message": "GPU out of memory; retry with a lower 'octree_resolution'"}
             ) from None
+        except RuntimeError as e:
+            # ml.refine's one expected RuntimeError: the model predicted no surface for these inputs.
+            # It is an answer about the inputs, not a server fault; anything else stays a 500.
+            if "has no surface" in str(e):
+                raise HTTPException(422, {"code": "empty_result", "message": str(e)}) from None
+            raise
         finally:
             self._deadline.stop()
 
-    def encode_response(self, mesh) -> Response:
+    def encode_response(self, output) -> Response:
+        mesh, timings = output
         glb = mesh.export(file_type="glb")
-        return Response(
-            content=glb,
-            media_type=GLB_MEDIA_TYPE,
-            headers={
-                "Content-Disposition": 'attachment; filename="refined.glb"',
-                "X-Mesh-Vertices": str(len(mesh.vertices)),
-                "X-Mesh-Faces": str(len(mesh.faces)),
-            },
-        )
+        headers = {
+            "Content-Disposition": 'attachment; filename="refined.glb"',
+            "X-Mesh-Vertices": str(len(mesh.vertices)),
+            "X-Mesh-Faces": str(len(mesh.faces)),
+        }
+        if "total_s" in timings:
+            headers["X-Refine-Seconds"] = f"{timings['total_s']:.3f}"
+        return Response(content=glb, media_type=GLB_MEDIA_TYPE, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -318,7 +337,7 @@ def _install_openapi(server: ls.LitServer, cfg: ServeConfig, auth: bool) -> None
                                 "description": f"Coarse mesh: GLB, OBJ, PLY, STL or OFF (by content); "
                                 f"<= {lim.max_mesh_bytes} bytes, {lim.min_mesh_faces}..{lim.max_mesh_faces} faces",
                             },
-                            "steps": {"type": "integer", "minimum": 1, "maximum": lim.max_steps, "default": d.steps},
+                            "steps": {"type": "integer", "minimum": MIN_STEPS, "maximum": lim.max_steps, "default": d.steps},
                             "guidance": {
                                 "type": "number",
                                 "minimum": 0,
@@ -332,6 +351,13 @@ def _install_openapi(server: ls.LitServer, cfg: ServeConfig, auth: bool) -> None
                                 "default": d.octree_resolution,
                             },
                             "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1, "default": d.seed},
+                            "timeout_s": {
+                                "type": "number",
+                                "exclusiveMinimum": 0,
+                                "maximum": cfg.request_timeout_s,
+                                "description": "Give up (504) after this many seconds of refinement; "
+                                f"default and maximum {cfg.request_timeout_s:g}",
+                            },
                         },
                     }
                 }

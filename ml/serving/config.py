@@ -56,9 +56,11 @@ class LimitsConfig:
     max_octree_resolution: int = 1024  # 1024 is the official default; memory grows with its cube
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_image_bytes", "max_mesh_bytes", "max_steps"):
+        for name in ("max_request_bytes", "max_image_bytes", "max_mesh_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"limits.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_steps < 2:
+            raise ValueError(f"limits.max_steps must be >= 2 (ml.refine needs 2 Euler steps), got {self.max_steps}")
         if self.max_image_bytes + self.max_mesh_bytes > self.max_request_bytes:
             # Otherwise a request whose two parts are each within their cap could still be refused.
             raise ValueError(
@@ -118,8 +120,8 @@ class ServeConfig:
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices}")
         d, lim = self.defaults, self.limits
-        if not 1 <= d.steps <= lim.max_steps:
-            raise ValueError(f"defaults.steps={d.steps} is outside 1..limits.max_steps={lim.max_steps}")
+        if not 2 <= d.steps <= lim.max_steps:  # ml.refine needs at least 2 Euler steps
+            raise ValueError(f"defaults.steps={d.steps} is outside 2..limits.max_steps={lim.max_steps}")
         if not 0 <= d.guidance <= lim.max_guidance:
             raise ValueError(f"defaults.guidance={d.guidance} is outside 0..limits.max_guidance={lim.max_guidance}")
         if not lim.min_octree_resolution <= d.octree_resolution <= lim.max_octree_resolution:

@@ -223,7 +223,7 @@ class Guard:
                     sniff_image(data[:64])
                 else:
                     sniff_mesh(data)
-            parse_params(params, self.s.cfg.defaults, self.s.cfg.limits)
+            parse_params(params, self.s.cfg.defaults, self.s.cfg.limits, self.s.cfg.request_timeout_s)
         finally:
             await form.close()
 

@@ -24,11 +24,12 @@ from ml.serving.config import DefaultsConfig, LimitsConfig
 IMAGE_FIELD = "image"
 MESH_FIELD = "coarse_mesh"
 FILE_FIELDS = (IMAGE_FIELD, MESH_FIELD)
-PARAM_FIELDS = ("steps", "guidance", "octree_resolution", "seed")
+PARAM_FIELDS = ("steps", "guidance", "octree_resolution", "seed", "timeout_s")
 KNOWN_FIELDS = FILE_FIELDS + PARAM_FIELDS
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MESH_FORMATS = ("glb", "obj", "ply", "stl", "off")
 MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds below 2**32; torch's takes more
+MIN_STEPS = 2  # ml.refine: the last Euler step has dt = 0, so fewer than 2 would return pure noise
 
 
 class RequestError(Exception):
@@ -54,11 +55,12 @@ class InferParams:
     guidance: float
     octree_resolution: int
     seed: int
+    timeout_s: float | None = None  # the client's own limit (<= the server's request_timeout_s); None: the server's
 
 
 # ---------------------------------------------------------------------------------------- fields
 
-_INT_RE = re.compile(r"^[+-]?\d{1,12}$")
+_INT_RE = re.compile(r"^[+-]?\d{1,20}$")
 
 
 def _parse_int(name: str, raw: str, lo: int, hi: int) -> int:
@@ -83,14 +85,16 @@ def _parse_float(name: str, raw: str, lo: float, hi: float) -> float:
     return v
 
 
-def parse_params(fields: dict[str, str], defaults: DefaultsConfig, limits: LimitsConfig) -> InferParams:
+def parse_params(
+    fields: dict[str, str], defaults: DefaultsConfig, limits: LimitsConfig, max_timeout_s: float = math.inf
+) -> InferParams:
     """Text form fields -> typed, range-checked parameters (defaults for those left out)."""
     steps = defaults.steps
     guidance = defaults.guidance
     octree = defaults.octree_resolution
     seed = defaults.seed
     if "steps" in fields:
-        steps = _parse_int("steps", fields["steps"], 1, limits.max_steps)
+        steps = _parse_int("steps", fields["steps"], MIN_STEPS, limits.max_steps)
     if "guidance" in fields:
         guidance = _parse_float("guidance", fields["guidance"], 0.0, limits.max_guidance)
     if "octree_resolution" in fields:
@@ -102,7 +106,12 @@ def parse_params(fields: dict[str, str], defaults: DefaultsConfig, limits: Limit
         )
     if "seed" in fields:
         seed = _parse_int("seed", fields["seed"], 0, MAX_SEED)
-    return InferParams(steps=steps, guidance=guidance, octree_resolution=octree, seed=seed)
+    timeout_s = None
+    if "timeout_s" in fields:
+        timeout_s = _parse_float("timeout_s", fields["timeout_s"], 0.0, max_timeout_s)
+        if timeout_s <= 0:
+            raise RequestError(422, "parameter_out_of_range", "'timeout_s' must be > 0", "timeout_s")
+    return InferParams(steps=steps, guidance=guidance, octree_resolution=octree, seed=seed, timeout_s=timeout_s)
 
 
 def split_form(items: list[tuple[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:

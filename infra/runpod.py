@@ -67,16 +67,24 @@ class RunPodError(Exception):
         title: str = "",
         errors: Optional[list[str]] = None,
         retry_after: Optional[float] = None,
+        no_response: bool = False,
     ):
         self.status_code = status_code
+        self.no_response = no_response
         self.method = method
         self.path = path
         self.message = message  # RunPod's `detail` (or our description when there was no reply)
         self.title = title
         self.errors = list(errors or [])
         self.retry_after = retry_after
-        status = f"{status_code} {title}".strip() if status_code is not None else "no response"
-        text = f"RunPod {method} {path} -> {status}: {message}"
+        if status_code is not None:
+            text = f"RunPod {method} {path} -> {f'{status_code} {title}'.strip()}: {message}"
+        elif no_response:
+            text = f"RunPod {method} {path} -> no response: {message}"
+        elif method == "-":  # not a request at all (e.g. no API key)
+            text = f"RunPod: {message}"
+        else:  # a failure we diagnosed from a request's answer (a pod in ERROR, a name clash)
+            text = f"RunPod {method} {path}: {message}"
         if self.errors:
             text += " [" + "; ".join(self.errors) + "]"
         hint = _HINTS.get(status_code)
@@ -87,7 +95,7 @@ class RunPodError(Exception):
     @property
     def lost(self) -> bool:
         """True when the request may or may not have been applied (no reply, or a 5xx)."""
-        return self.status_code is None or self.status_code >= 500
+        return self.no_response or (self.status_code is not None and self.status_code >= 500)
 
 
 _HINTS = {
@@ -410,6 +418,7 @@ class RunPodClient:
                     status_code=None,
                     method=method,
                     path=path,
+                    no_response=True,
                 )
                 if retry_lost and attempt < self.max_retries:
                     self.sleep(self._backoff(attempt))

@@ -275,33 +275,53 @@ class Estimate:
     gpu: str
     gpu_count: int
     gpu_usd_per_hour: float  # for the whole pod (per-GPU price x count)
-    price_source: str  # "catalog (live)" or "configs/cost.yaml"
+    price_source: str  # "RunPod catalog" or "configs/cost.yaml"
     meshes: int
-    steps: int
-    step_time_s: float
+    steps: int  # optimizer steps
+    samples_per_step: int  # micro_batch x grad_accum x GPUs
+    step_time_s: float  # per optimizer step
     step_time_source: str
     train_hours: float
+    process_meshes: int  # meshes still to process on this pod (0: already processed)
+    process_hours: float
     overhead_hours: float  # setup + one autostop tail
     storage_gb: float
     storage_usd_per_month: float
     storage_kind: str  # "network volume" or "pod volume"
+    budget_usd: float = 0.0
 
     @property
     def hours(self) -> float:
-        return self.train_hours + self.overhead_hours
+        return self.train_hours + self.process_hours + self.overhead_hours
 
     @property
     def compute_usd(self) -> float:
         return self.hours * self.gpu_usd_per_hour
 
+    @property
+    def epochs(self) -> float:
+        return self.steps * self.samples_per_step / self.meshes if self.meshes else 0.0
+
     def lines(self) -> list[str]:
-        return [
+        out = [
             f"GPU: {self.gpu_count} x {self.gpu} at ${self.gpu_usd_per_hour:.2f}/h ({self.price_source})",
             f"training: {self.steps} steps x {self.step_time_s:.3f} s ({self.step_time_source}) = {self.train_hours:.2f} h"
-            f" for {self.meshes} meshes, + {self.overhead_hours:.2f} h setup and autostop tail",
-            f"compute: {self.hours:.2f} h x ${self.gpu_usd_per_hour:.2f}/h = ${self.compute_usd:.2f}",
-            f"storage: {self.storage_kind} {self.storage_gb:.0f} GB = ${self.storage_usd_per_month:.2f}/month",
+            + (f"; {self.epochs:.1f} epochs over {self.meshes} meshes" if self.meshes else ""),
         ]
+        if self.process_meshes:
+            out.append(f"processing {self.process_meshes} meshes on this pod: {self.process_hours:.2f} h "
+                       "(a CPU pod on the same network volume does it for a fraction; see `fab cost --model`)")
+        out.append(f"setup + autostop tail: {self.overhead_hours:.2f} h")
+        out.append(f"compute: {self.hours:.2f} h x ${self.gpu_usd_per_hour:.2f}/h = ${self.compute_usd:.2f}")
+        out.append(f"storage: {self.storage_kind} {self.storage_gb:.0f} GB = ${self.storage_usd_per_month:.2f}/month")
+        if self.budget_usd > 0:
+            if self.compute_usd <= self.budget_usd:
+                out.append(f"budget: ${self.budget_usd:.2f} (budgetUsd) covers it, ${self.budget_usd - self.compute_usd:.2f} to spare")
+            else:
+                h = self.budget_usd / self.gpu_usd_per_hour
+                out.append(f"budget: ${self.budget_usd:.2f} (budgetUsd) is NOT enough: the watchdog will stop the pod "
+                           f"after ~{h:.1f} h; raise budgetUsd or lower train.max_steps")
+        return out
 
 
 def catalog_gpu_price(client, gpu_ids: list[str], cloud: str = "SECURE") -> tuple[str, float]:
@@ -321,28 +341,31 @@ def estimate_run(
     cloud: str = "SECURE",
     meshes: int,
     steps: int,
+    samples_per_step: int = 1,
     step_time_s: float | None = None,
-    step_time_source: str = "",
+    step_time_source: str = "measured",
+    process_meshes: int = 0,
     volume_gb: float,
     network_volume: bool,
+    budget_usd: float = 0.0,
     cfg: CostModelConfig | None = None,
     client=None,
 ) -> Estimate:
-    """Estimate a training run before launching it.
+    """Estimate a training run before launching it (`fab train --dry-run`).
 
     Price: the live catalog when `client` is given (the stack's GPU types in order), else configs/cost.yaml.
-    Step time: the measured one when given, else the model's figure for that GPU.
+    Step time (per optimizer step): the measured one when given, else the model's per-sample figure for that
+    GPU times `samples_per_step`. `process_meshes`: meshes that would still be processed on this pod.
     """
     cfg = cfg or load_cost_config()
     price_source = "configs/cost.yaml"
-    gpu = gpu_ids[0]
-    per_gpu = None
+    gpu, per_gpu = gpu_ids[0], None
     if client is not None:
         try:
             gpu, per_gpu = catalog_gpu_price(client, gpu_ids, cloud)
             price_source = "RunPod catalog"
         except Exception as e:  # an estimate must still print offline; say why the price is the stored one
-            price_source = f"configs/cost.yaml (catalog unavailable: {e})"
+            price_source = f"configs/cost.yaml; catalog unavailable: {e}"
     if per_gpu is None:
         for gid in gpu_ids:
             if gid in cfg.prices.gpu_usd_per_hour:
@@ -353,17 +376,23 @@ def estimate_run(
     if step_time_s is None:
         runs = [r for r in cfg.runs if r.gpu == gpu]
         if not runs:
-            raise CostError(f"no step time for '{gpu}': measure one (bench/train_step.py) or add a run for it in configs/cost.yaml")
-        step_time_s, step_time_source = runs[0].step_time_s, "configs/cost.yaml, not measured"
+            raise CostError(f"no step time for '{gpu}': measure one (bench/train_step.py) or add a run for it in "
+                            f"{DEFAULT_COST_CONFIG}")
+        step_time_s = runs[0].step_time_s * samples_per_step / max(1, gpu_count)
+        step_time_source = (f"not measured: {runs[0].step_time_s:g} s per sample from configs/cost.yaml"
+                            + (f" x {samples_per_step}" if samples_per_step != 1 else ""))
     storage = (cfg.prices.network_volume_month(volume_gb) if network_volume
                else volume_gb * cfg.prices.pod_volume_stopped_usd_per_gb_month)
+    vcpus = cfg.prices.gpu_pod_vcpus.get(gpu, 8)
+    process_h = process_meshes * cfg.workload.kit_processing_cpu_s_per_mesh / vcpus / 3600.0
     overhead = cfg.workload.setup_reused_hours + (cfg.kit.autostop_idle_minutes + cfg.kit.autostop_stop_minutes) / 60.0
     return Estimate(
         gpu=gpu, gpu_count=gpu_count, gpu_usd_per_hour=per_gpu * gpu_count, price_source=price_source,
-        meshes=meshes, steps=steps, step_time_s=step_time_s, step_time_source=step_time_source or "measured",
-        train_hours=steps * step_time_s / 3600.0, overhead_hours=overhead,
+        meshes=meshes, steps=steps, samples_per_step=samples_per_step, step_time_s=step_time_s,
+        step_time_source=step_time_source, train_hours=steps * step_time_s / 3600.0,
+        process_meshes=process_meshes, process_hours=process_h, overhead_hours=overhead,
         storage_gb=volume_gb, storage_usd_per_month=storage,
-        storage_kind="network volume" if network_volume else "pod volume (stopped rate)",
+        storage_kind="network volume" if network_volume else "pod volume (stopped rate)", budget_usd=budget_usd,
     )
 
 
@@ -379,8 +408,8 @@ def measured_step_time(metrics_path: str | Path, skip_first: int = 5) -> float |
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
-        if not isinstance(row, dict) or "step" not in row:
-            continue
+        if not isinstance(row, dict) or "step" not in row or row.get("kind", "train") != "train":
+            continue  # validation lines carry a step and a time too
         if "step_time_s" in row:
             times.append(float(row["step_time_s"]))
         elif "time" in row:  # wall-clock stamps: difference per step

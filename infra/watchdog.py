@@ -51,8 +51,9 @@ STATE_FILE = "watchdog.json"
 LOG_FILE = "watchdog.log"
 LOCK_FILE = "watchdog.lock"
 EXIT_FILE = "exit_code"
-# Temp names our writers use before the atomic rename (`x.tmp`, `x.tmp.123`, `.tmp-x`, `x.partial`).
-DEFAULT_TEMP_GLOBS = ("*.tmp", "*.tmp.*", ".tmp*", "*.partial", "*.incomplete")
+# Temp names our writers use before the atomic rename: ml/training/checkpoint.py writes `.tmp-step_NNNNNNN/`
+# and `.latest.tmp<pid>`, logs.py `.loss_curve.png.tmp.png`; others `x.tmp`, `x.partial`.
+DEFAULT_TEMP_GLOBS = ("*.tmp", "*.tmp.*", "*.tmp[0-9]*", ".tmp*", "*.partial", "*.incomplete")
 NVIDIA_SMI = "nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits"
 EX_LOCKED = 75  # worker: another worker already watches this job (EX_TEMPFAIL)
 

@@ -143,6 +143,7 @@ def test_measured_step_time_from_metrics(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 31, \"step_ti")  # a crash-cut last line
     assert measured_step_time(p) == pytest.approx(0.5)
     q = tmp_path / "m2.jsonl"
-    q.write_text("\n".join(json.dumps({"step": i, "time": 100 + 0.25 * i}) for i in range(0, 40)))
+    q.write_text("\n".join(json.dumps({"step": i, "time": 100 + 0.25 * i}) for i in range(0, 40))
+                 + "\n" + json.dumps({"kind": "val", "step": 40, "time": 900.0}))  # a val line: not a step
     assert measured_step_time(q) == pytest.approx(0.25)
     assert measured_step_time(tmp_path / "absent.jsonl") is None

@@ -137,9 +137,11 @@ def test_in_flight_writes_sees_fresh_temp_files_only(tmp_path):
     tmpdir = out / ".tmp-global_step300"
     tmpdir.mkdir()
     (tmpdir / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    latest = out / ".latest.tmp4242"  # ml/training/checkpoint.py's pointer update
+    latest.write_text("step_0000200")
     (tmp_path / "outputs" / ".watchdog.json.1.tmp").write_text("{}")  # our own state file: ignored
     found = wd.in_flight_writes([tmp_path / "outputs"], wd.DEFAULT_TEMP_GLOBS, time.time(), quiet_s=30)
-    assert set(found) == {fresh, tmpdir}
+    assert set(found) == {fresh, tmpdir, latest}
 
 
 def test_nvidia_smi_probe_parses_and_fails_safe(tmp_path):

@@ -85,6 +85,7 @@ class Settings:
     stop_backoff_max_s: float = 300.0  # retry interval cap for a stop that keeps failing
     billing_timeout_s: float = 120.0  # give up on the billing baseline after this (budget then counts this session only)
     pod_refresh_s: float = 300.0  # re-read the pod ($/h, uptime, status) this often
+    linger_s: float = 0.0  # keep the pod this long after the job ends (for a `fab fetch` right after); 0: stop at once
     start_grace_s: float = 120.0  # an exit_code already there at start is the previous run's for this long
 
     def __post_init__(self):
@@ -141,6 +142,7 @@ class State:
     worker_pid: Optional[int] = None
     supervisor_pid: Optional[int] = None
     restarts: int = 0
+    job_ended_at: Optional[float] = None  # when we first saw the exit code
     stale_exit_mtime: Optional[float] = None  # mtime of an exit_code that predates us (a previous run's)
     outcome: str = "watching"  # watching | stopping | stopped | stop-failing
     reason: str = ""
@@ -167,7 +169,12 @@ def decide(s: Settings, st: State, obs: Observation) -> Decision:
     """The whole policy, as a pure function of the settings, the persisted state and one observation.
     Precedence: a finished job first (it explains everything after it), then money, then time, then idleness."""
     if obs.exit_code is not None:
-        return Decision(True, "job-ended", f"job exit code {obs.exit_code}")
+        waited = obs.now - (st.job_ended_at if st.job_ended_at is not None else obs.now)
+        if waited >= s.linger_s:
+            return Decision(True, "job-ended", f"job exit code {obs.exit_code}")
+        lingering = Decision(False, "lingering", f"job ended (exit {obs.exit_code}); stopping in {s.linger_s - waited:.0f} s")
+    else:
+        lingering = None
     if s.budget_usd > 0:
         projected = projected_usd(s, st, obs)
         if projected >= s.budget_usd:
@@ -178,7 +185,7 @@ def decide(s: Settings, st: State, obs: Observation) -> Decision:
     if s.idle_minutes > 0 and st.idle_since is not None and obs.now - st.idle_since >= s.idle_minutes * 60:
         return Decision(True, "idle", f"GPU idle (< {s.idle_util_pct:g}%) for {(obs.now - st.idle_since) / 60:.1f} min "
                         f">= {s.idle_minutes:g} min")
-    return Decision(False, "ok", "")
+    return lingering or Decision(False, "ok", "")
 
 
 def projected_usd(s: Settings, st: State, obs: Observation) -> float:
@@ -440,6 +447,8 @@ class Watchdog:
         if status in ("EXITED", "TERMINATED"):
             return Decision(True, "already-stopped", f"pod is {status} (stopped by someone else)")
         obs = self.observe()
+        if obs.exit_code is not None and self.st.job_ended_at is None:
+            self.st.job_ended_at = obs.now
         update_idle(self.s, self.st, obs)
         d = decide(self.s, self.st, obs)
         self.st.last_check = obs.now
@@ -714,6 +723,7 @@ def _iso(t: Optional[float]) -> Optional[str]:
 def _settings_summary(s: Settings) -> dict:
     return {"job_dir": str(s.job_dir), "pod_id": s.pod_id, "stack": s.stack, "idle_minutes": s.idle_minutes,
             "max_runtime_hours": s.max_runtime_hours, "budget_usd": s.budget_usd, "poll_s": s.poll_s,
+            "linger_s": s.linger_s,
             "volume_ids": list(s.volume_ids)}
 
 
@@ -755,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-probe-cmd", default=NVIDIA_SMI, help="prints one utilisation %% per GPU per line")
     ap.add_argument("--flush-dir", action="append", type=Path, default=[],
                     help="where checkpoints are written (default: <workspace>/outputs and the job dir)")
+    ap.add_argument("--linger-minutes", type=float, default=0.0,
+                    help="keep the pod up this long after the job ends, e.g. for `fab fetch` (default 0: stop at once)")
     ap.add_argument("--flush-timeout-seconds", type=float, default=600.0)
     ap.add_argument("--interrupt-grace-seconds", type=float, default=120.0)
     ap.add_argument("--daemon", action="store_true", help="detach (setsid), print the supervisor pid and return")
@@ -783,6 +795,7 @@ def settings_from_args(args) -> Settings:
         stack=args.stack, volume_ids=volume_ids, poll_s=args.poll_seconds, idle_util_pct=args.idle_util,
         gpu_probe_cmd=args.gpu_probe_cmd, flush_dirs=list(args.flush_dir),
         flush_timeout_s=args.flush_timeout_seconds, interrupt_grace_s=args.interrupt_grace_seconds,
+        linger_s=args.linger_minutes * 60.0,
     )
 
 

@@ -34,6 +34,17 @@ def test_job_end_stops_whatever_the_exit_code(tmp_path):
         assert d.stop and d.reason == "job-ended" and str(code) in d.detail
 
 
+def test_linger_keeps_the_pod_a_while_after_the_job(tmp_path):
+    s = settings(tmp_path, linger_s=300)
+    st = wd.State(pod_id="pod1", started_at=0, job_ended_at=1000)
+    d = wd.decide(s, st, obs(1100, exit_code=0))
+    assert not d.stop and d.reason == "lingering" and "200 s" in d.detail
+    assert wd.decide(s, st, obs(1300, exit_code=0)).reason == "job-ended"
+    # lingering never overrides money or time
+    s2 = settings(tmp_path, linger_s=300, max_runtime_hours=1)
+    assert wd.decide(s2, st, obs(1100, exit_code=0, uptime=7200)).reason == "max-runtime"
+
+
 def test_running_busy_job_is_left_alone(tmp_path):
     s = settings(tmp_path)
     st = wd.State(pod_id="pod1", started_at=0)

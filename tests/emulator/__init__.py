@@ -62,6 +62,9 @@ RUNPOD_API_BASE (this emulator, so in-pod API calls reach it), RUNPOD_GPU_COUNT,
 TMPDIR/TMUX_TMPDIR (a per-pod temp dir, so each pod has its own tmux server).
 A pod on a network volume (mounts.network) shares that volume's directory: two pods on the same
 volume see the same files.
+Pods share the host's network (only mounts and PIDs are private): a server a pod starts on 8000 is at
+127.0.0.1:8000. The API still reports RunPod's proxy addresses (https://<id>-<port>.proxy.runpod.net);
+set RUNPOD_PROXY_URL="http://127.0.0.1:{port}" and infra.runpod.Pod.proxy_url() returns the loopback one.
 
 Billing (clock-driven): a pod bills cost_per_hr (GPU list price x count) while PROVISIONING,
 STARTING or RUNNING, plus disk at $0.10/GB/month running and its volume at $0.20/GB/month stopped;

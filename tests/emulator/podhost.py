@@ -120,11 +120,10 @@ class PodHost:
                 self.proc.wait(timeout=10)
             self.proc = None
         self.port = None
-
-    def remove(self) -> None:
-        """stop(), and delete the pod's temp directory (terminate, emulator close)."""
-        self.stop()
+        # The temp dir is container disk: like RunPod's, it does not survive a stop or restart.
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    remove = stop  # terminate and emulator close: nothing else is kept outside the pod directory
 
     def _config(self, env: dict[str, str]) -> str:
         lines = [

@@ -6,6 +6,7 @@
 
 The other tasks call these (they print nothing themselves; they return lines):
     spend_lines(stack, client=None)                        `fab status`, `fab teardown`: spend so far
+    budget_problem(stack, client=None)                     `fab train`: refuse when the budget is spent
     estimate_lines(stack, config, meshes=None, ...)        `fab train --dry-run`: GPU $/h, storage, hours
     watchdog_args(t, job="train")                          the autostop watchdog's command line for a job
     watchdog_line(t, job="train")                          is that watchdog alive (from its heartbeat)
@@ -66,6 +67,21 @@ def spend_lines(stack: str, client=None, *, since: Optional[dt.datetime] = None)
     else:
         lines.append(f"  no pod now (`pulumi up --stack {stack}` creates it); the shared volume is billed")
     return lines
+
+
+def budget_problem(stack: str, client=None) -> Optional[str]:
+    """A message when the stack's billed spend has reached its budgetUsd (else None): `fab train` should refuse
+    to start the pod, since the watchdog would stop it at its first check."""
+    client = _client(client)
+    cfg, pods, vols = stack_resources(client, stack)
+    if not cfg.budget_usd or not (pods or vols):
+        return None
+    sp = stack_spend(client, stack, [p.id for p in pods], vols, budget_usd=cfg.budget_usd)
+    if sp.total_usd < cfg.budget_usd:
+        return None
+    return (f"stack {stack} has spent ${sp.total_usd:.2f} of its ${cfg.budget_usd:g} budget (budgetUsd): the watchdog "
+            f"would stop the pod at once. Raise it: `pulumi config set --stack {stack} ultrashape:budgetUsd <usd>` "
+            f"(or edit Pulumi.{stack}.yaml)")
 
 
 def account_lines(client=None, days: int = 30) -> list[str]:

@@ -103,7 +103,6 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
     """Do whatever is missing (setup, sync, process, weights), then train detached and follow it."""
     train_cfg = config_path("train", config, tiny)
     tiny = tiny or train_cfg.endswith("-tiny.yaml")
-    proc_cfg = config_path("processing", None, tiny)
     with target(stack) as t:
         st = jobs.state(t, "train")
         if st.state == "running":
@@ -118,7 +117,7 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
         elif not t.exists(t.path(INPUT)):
             raise SystemExit(f"error: {src}: no meshes here and none on {t.name}; put meshes in {src} or pass --src DIR")
         if (synced is not None and synced.transferred > 0) or not processing_done(t):
-            do_process(t, proc_cfg)
+            do_process(t, config_path("processing", None, tiny))
         else:
             say(f"[{t.name}] process: data/output is up to date with data/input")
         w = needs_weights(train_cfg)

@@ -197,56 +197,62 @@ def follow(
     """
     out = out or sys.stdout.buffer
     drops = 0
-    while True:
-        cmd = _FOLLOW.format(
-            dir=shlex.quote(job_dir(target, name)),
-            off=int(offset),
-            tmux=_tmux(target),
-            session=SESSION_PREFIX + name,
-            interval=interval,
-        )
-        # Its own session: Ctrl-C reaches only us, so it reads as "detach", never as a dropped connection.
-        proc = target.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
+    proc: subprocess.Popen | None = None
+    try:
+        while True:
+            cmd = _FOLLOW.format(
+                dir=shlex.quote(job_dir(target, name)),
+                off=int(offset),
+                tmux=_tmux(target),
+                session=SESSION_PREFIX + name,
+                interval=interval,
+            )
+            # Its own session: Ctrl-C reaches only us, so it reads as "detach", never as a dropped connection.
+            proc = target.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
             assert proc.stdout is not None
             while True:
-                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+                chunk = proc.stdout.read1(65536)
                 if not chunk:
                     break
                 offset += len(chunk)
                 out.write(chunk)
                 out.flush()
             rc = proc.wait()
-        except KeyboardInterrupt:
+            proc = None
+            if rc in (0, 3):  # the job ended (0) or vanished with its machine (3)
+                return state(target, name)
+            # rc 255 (ssh lost the connection) or a signal: the job itself is untouched on the target.
+            drops += 1
+            if drops > reattach:
+                raise TargetError(
+                    f"{target}: lost the connection {drops} times while following '{name}'. "
+                    f"The job keeps running; `fab logs --follow` reattaches when the network is back."
+                )
+            print(f"\n[connection to {target} lost; reattaching ({drops}/{reattach})]", file=sys.stderr, flush=True)
+            time.sleep(min(2.0 * drops, 10.0))
+            try:
+                reconnect = getattr(target, "reconnect", None)
+                if reconnect:
+                    reconnect()
+            except TargetError as e:
+                print(f"[reattach failed: {e}]", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        # Ctrl-C anywhere in here (streaming, sleeping, reconnecting) means: stop watching, leave the job.
+        if proc is not None and proc.poll() is None:
             proc.terminate()
             proc.wait()
-            print(
-                f"\ndetached from '{name}' on {target}: it goes on. "
-                f"`fab logs --follow` reattaches, `fab status` shows progress.",
-                file=sys.stderr,
-            )
-            s = state(target, name)
-            s.state = "detached" if s.state == "running" else s.state
-            return s
-        if rc == 0:
-            return state(target, name)
-        if rc == 3:
-            return state(target, name)
-        # rc 255 (ssh lost the connection) or a signal: the job itself is untouched on the target.
-        drops += 1
-        if drops > reattach:
-            raise TargetError(
-                f"{target}: lost the connection {drops} times while following '{name}'. "
-                f"The job keeps running; `fab logs --follow` reattaches when the network is back."
-            )
-        print(f"\n[connection to {target} lost; reattaching ({drops}/{reattach})]", file=sys.stderr, flush=True)
-        time.sleep(min(2.0 * drops, 10.0))
+        print(
+            f"\ndetached from '{name}' on {target}: it goes on. "
+            f"`fab logs --follow` reattaches, `fab status` shows progress.",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
-            reconnect = getattr(target, "reconnect", None)
-            if reconnect:
-                reconnect()
-        except TargetError as e:
-            print(f"[reattach failed: {e}]", file=sys.stderr, flush=True)
+            s = state(target, name)
+        except TargetError:
+            return JobState(name, "detached")
+        s.state = "detached" if s.state == "running" else s.state
+        return s
 
 
 def _ago(t: float | None) -> str:

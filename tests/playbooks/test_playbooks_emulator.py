@@ -137,3 +137,111 @@ def test_playbooks_setup_sync_status_teardown(world, tmp_path):
     r = fab(world, "sync", "--stack", STACK, "--src", str(src))
     assert "was stopped: starting it" in r.stderr
     assert emu.pod(pod_id).status == "RUNNING"
+
+
+def ssh_masters(world) -> list:
+    """This test's multiplexing SSH masters (their command line names its known_hosts file)."""
+    import psutil
+
+    mark = f"UserKnownHostsFile={world['base'] / 'state' / 'known_hosts'}"
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cl = p.info["cmdline"] or []
+        if p.info["name"] == "ssh" and mark in cl and "ControlMaster=yes" in cl:
+            out.append(p)
+    return out
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def metrics_steps(ws: Path) -> list[int]:
+    steps = []
+    for f in ws.glob("outputs/*/metrics.jsonl"):
+        for line in f.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            if d.get("kind") == "train":
+                steps.append(d["step"])
+    return steps
+
+
+@pytest.mark.slow
+def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
+    """train -> connection killed mid-train, reattached -> Ctrl-C detaches -> status -> teardown (EXITED,
+    volume intact) -> a second train starts the pod and resumes -> fetch -> teardown."""
+    emu, pod_id = world["emu"], world["pod_id"]
+    ws = emu.pod(pod_id).workspace
+    fab(world, "setup", "--stack", STACK, "--python", base_python(), "--site-packages", sysconfig.get_paths()["purelib"])
+    src = REPO / "examples" / "meshes"
+    overrides = "train.max_steps=60 train.ckpt_every=3 train.val_every=0 train.log_every=1 logging.wandb=disabled"
+    r = fab(world, "train", "--stack", STACK, "--tiny", "--src", str(src), "--no-follow", "--overrides", overrides,
+            timeout=600)
+    assert (ws / "data" / "output" / "data_list" / "train.json").is_file()  # synced and processed on the pod
+    assert "watchdog on 'train'" in r.stderr, r.stderr  # started beside the GPU job
+    assert (ws / "jobs" / "train" / "run.sh").is_file()
+
+    # Follow, then drop the connection under it: the follower reattaches and loses nothing.
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "fabric", "logs", "--stack", STACK, "--follow"], cwd=REPO, env=world["env"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: metrics_steps(ws), 180, "the first training step")
+        masters = wait_for(lambda: ssh_masters(world), 30, "the follower's SSH master")
+        for m in masters:
+            m.kill()
+        wait_for(lambda: len(metrics_steps(ws)) >= 2 and ssh_masters(world), 60, "a new SSH master (reattach)")
+        follower.send_signal(signal.SIGINT)  # Ctrl-C: detach, training goes on
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert "reattaching" in err, err
+    assert "detached from 'train'" in err, err
+    assert not (ws / "jobs" / "train" / "exit_code").exists()  # still running
+
+    r = fab(world, "status", "--stack", STACK)
+    assert "step " in r.stdout and "loss " in r.stdout and "job: running" in r.stdout, r.stdout
+    assert "watchdog" in r.stdout, r.stdout
+
+    # Stop mid-run once a checkpoint exists: the pod goes to EXITED, the volume keeps everything.
+    wait_for(lambda: list(ws.glob("outputs/*/checkpoints/latest")), 180, "a checkpoint")
+    r = fab(world, "teardown", "--stack", STACK)
+    assert emu.pod(pod_id).status == "EXITED"
+    steps_before = max(metrics_steps(ws))
+    assert steps_before < 60
+    assert list(ws.glob("outputs/*/checkpoints/latest")) and (ws / "kit" / ".revision").is_file()
+    r = fab(world, "status", "--stack", STACK)
+    assert "EXITED" in r.stdout
+
+    # The second train starts the pod, sees the job was lost with its pod, and resumes from the checkpoint.
+    r = fab(world, "train", "--stack", STACK, "--tiny", "--src", str(src), "--overrides", overrides,
+            "--no-autostop", timeout=600)
+    assert "was stopped: starting it" in r.stderr and "resuming the latest run" in r.stderr, r.stderr
+    assert "setup already up to date" in r.stderr and "0 of" in r.stderr  # nothing redone
+    assert (ws / "jobs" / "train" / "exit_code").read_text().strip() == "0"
+    runs = list(ws.glob("outputs/*/metrics.jsonl"))
+    assert len(runs) == 1  # the same run, continued
+    steps = metrics_steps(ws)
+    assert max(steps) == 60 and steps.count(60) == 1
+
+    home = tmp_path / "home_outputs"
+    r = fab(world, "fetch", "--stack", STACK, "--dest", str(home))
+    run_id = runs[0].parent.name
+    assert (home / run_id / "export").is_dir() and (home / run_id / "loss_curve.png").is_file()
+    assert not (home / run_id / "checkpoints").exists()
+
+    fab(world, "teardown", "--stack", STACK)
+    assert emu.pod(pod_id).status == "EXITED"
+    r = fab(world, "teardown", "--stack", STACK)
+    assert "already stopped" in r.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from infra.runpod import PodRequest, RunPodClient
@@ -12,8 +14,11 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 @pytest.fixture
 def frozen_emu(tmp_path):
-    """API-only emulator whose clock moves only when advanced (a client built with sleep=emu.advance moves it)."""
-    with RunPodEmulator(tmp_path, clock=Clock(real=False), ssh=False) as emu:
+    """API-only emulator whose clock moves only when advanced (a client built with sleep=emu.advance moves it).
+
+    Its history starts a week ago, so code that asks for spend "until now" by the wall clock (the laptop side)
+    sees everything a test advances through, whatever the time of day the test runs at."""
+    with RunPodEmulator(tmp_path, clock=Clock(time.time() - 7 * 86400, real=False), ssh=False) as emu:
         yield emu
 
 

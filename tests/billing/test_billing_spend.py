@@ -44,6 +44,20 @@ def test_spend_lines_for_a_stack_found_by_name(frozen_pod):
     assert "no pod now" in a40 and "network volume" in a40 and f"pod {pod.id}" not in a40
 
 
+def test_budget_problem_when_the_stack_has_spent_its_budget(tmp_path, make_pod):
+    from infra.runpod import RunPodClient
+    from tests.emulator import Clock, RunPodEmulator
+
+    # The laptop asks for spend up to its own "now": start the emulated history three days ago.
+    with RunPodEmulator(tmp_path, clock=Clock(time.time() - 3 * 86400, real=False), ssh=False) as emu:
+        client = RunPodClient(emu.api_key, emu.base_url, sleep=emu.advance)
+        make_pod(emu, client)
+        assert pc.budget_problem("h100", client) is None
+        emu.advance(56 * 3600)  # 56 h of H100 at $2.69/h: past the h100 stack's $150
+        msg = pc.budget_problem("h100", client)
+        assert msg and "$150 budget" in msg and "ultrashape:budgetUsd" in msg
+
+
 def test_estimate_offline_uses_the_training_config_and_flags_a_small_budget(repo_root):
     lines = pc.estimate_lines("h100", "configs/train_dit_refine.yaml", meshes=30000)
     text = "\n".join(lines)

@@ -174,3 +174,15 @@ def test_what_remains_both_killed_pod_keeps_running_and_heartbeat_says_so(live_e
     assert client.get_pod(pod.id).status == "RUNNING"  # the gap: nothing on RunPod's side stops it
     h = wd.health((job_dir / wd.STATE_FILE).read_text(), now=time.time() + 120)
     assert not h.running and "NOT RUNNING" in h.message and "fab teardown" in h.message
+
+
+def test_cli_idle_gpu_stops_the_pod(live_emu, make_pod, tmp_path, procs):
+    """The command line end to end: --gpu-probe-cmd stands in for nvidia-smi, reporting an idle GPU."""
+    pod, _ = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "serve"
+    sup = spawn(live_emu, pod.id, job_dir, "--idle-minutes", "0.02")  # 1.2 s
+    procs.append(sup.pid)
+    (job_dir.parent / "gpu_util").write_text("0\n3\n")  # two idle GPUs
+    wait_for(lambda: live_emu.pod(pod.id).status == "EXITED", what="the idle stop")
+    assert sup.wait(timeout=20) == 0
+    assert wd.State.load(job_dir / wd.STATE_FILE).reason == "idle"

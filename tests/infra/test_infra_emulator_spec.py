@@ -67,7 +67,6 @@ def _exercise(emu: RunPodEmulator) -> None:
     fails(rp.create_pod, base)
     fails(RunPodClient("rpa_bad", emu.base_url).list_pods)  # 401
     fails(rp.request, "DELETE", "/v2/catalog/gpus")  # 405
-    rp.advance = None
     emu.advance(3600)
     rp.billing(bucket_size="hour", last_n=3)
     rp.billing(start_time="2026-01-01T00:00:00Z", end_time="2026-01-03T00:00:00Z", bucket_size="day")

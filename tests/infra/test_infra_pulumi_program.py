@@ -65,13 +65,14 @@ def home_with_key(tmp_path, monkeypatch):
     return home
 
 
-def run_program(stack: str, extra: dict[str, str] | None = None, secrets: dict[str, str] | None = None):
+def run_program(stack: str, extra: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+                preview: bool = False):
     mocks = Mocks()
     config = {**_stack_values(stack), **(extra or {})}
     secrets = {"runpod:apiKey": FAKE_KEY, "ultrashape:wandbApiKey": FAKE_WANDB} if secrets is None else secrets
     config.update(secrets)
     pulumi.runtime.set_all_config(config, secret_keys=list(secrets))
-    pulumi.runtime.set_mocks(mocks, project="ultrashape", stack=stack, preview=False)
+    pulumi.runtime.set_mocks(mocks, project="ultrashape", stack=stack, preview=preview)
     ns = runpy.run_path(str(PROGRAM), run_name="__main__")
     # Registration is asynchronous: settle every output (hence every resource) before looking.
     for v in ns["outputs"].values():
@@ -198,3 +199,10 @@ def test_host_local_volume_when_network_volume_is_off(home_with_key):
 def test_misspelt_key_is_refused_with_a_suggestion(home_with_key):
     with pytest.raises(Exception, match=r"unknown key 'ultrashape:gpuType'.*did you mean 'ultrashape:gpuTypes'"):
         run_program("a40", extra={"ultrashape:gpuType": "[\"NVIDIA A40\"]"})
+
+
+@pytest.mark.unit
+def test_preview_declares_the_same_resources(home_with_key):
+    mocks, ns = run_program("h100", preview=True)
+    assert sorted(r.typ.rsplit(":", 1)[-1] for r in mocks.resources) == ["NetworkVolume", "Pod"]
+    assert _resource(mocks, "runpod:Pod").inputs["gpuTypes"][0] == "NVIDIA H100 80GB HBM3"

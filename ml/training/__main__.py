@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     # `deepspeed` passes --local_rank=N; LOCAL_RANK in the environment carries the same.
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
+    # intermixed: overrides may come before or after --config/--resume
+    args = ap.parse_intermixed_args(argv)
     try:
         from ml.training.config import TrainConfig
 

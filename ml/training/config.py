@@ -58,6 +58,7 @@ class ModelConfig:
     # The MoE load-balancing loss is added inside the DiT's backward with the weight of the model config's
     # moe_aux_loss_alpha (official 0.01), as the official trainer does; it is logged as moe_aux_loss.
     activation_checkpointing: bool = True  # recompute DiT blocks in backward: ~1/3 more compute, far less memory
+    checkpoint_blocks: Optional[int] = None  # with activation_checkpointing: recompute only the first N blocks (null: all)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 

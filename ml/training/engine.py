@@ -145,15 +145,19 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, load_unive
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute every transformer block of `model` in backward. The block's forward is wrapped in place, so
-    parameter names (and so checkpoints and exports) do not change. Returns the number of blocks wrapped."""
+def enable_activation_checkpointing(model: nn.Module, max_blocks: int | None = None) -> int:
+    """Recompute transformer blocks of `model` in backward: all of them, or the first `max_blocks` (partial
+    checkpointing: each recomputed block trades ~1/3 of its compute for most of its activation memory, so
+    recompute only as many as the memory needs). The block's forward is wrapped in place, so parameter names
+    (and so checkpoints and exports) do not change. Returns the number of blocks wrapped."""
     from torch.utils.checkpoint import checkpoint
 
     n = 0
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
             for blk in mod:
+                if max_blocks is not None and n >= max_blocks:
+                    break
                 if getattr(blk, "_act_ckpt", False):
                     continue
                 inner = blk.forward
@@ -166,7 +170,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
                 blk.forward = fwd
                 blk._act_ckpt = True
                 n += 1
-    if n == 0:
+    if n == 0 and max_blocks != 0:
         raise RuntimeError("activation checkpointing: found no '*blocks' ModuleList in the model")
     return n
 

@@ -110,6 +110,10 @@ class TrainModels:
 
     def _dit_loss(self, engine, x1, vidx, cond, cond_mask, gen):
         dt = _param_dtype(engine)
+        if cond_mask is not None and bool(cond_mask.all()):
+            # No padding in this batch (always so at batch 1): without a mask SDPA can pick the flash/cuDNN
+            # kernels; any boolean mask, even all-True, forces the slower memory-efficient one.
+            cond_mask = None
 
         def velocity(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return engine(xt.to(dt), t.to(dt), cond.to(dt), vidx, cond_mask)

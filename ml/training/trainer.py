@@ -122,7 +122,7 @@ class Trainer:
         if self.world > 1:
             run_every_expert(dit)
         if cfg.model.activation_checkpointing:
-            enable_activation_checkpointing(dit)
+            enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
         n_train = sum(p.numel() for p in dit.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in dit.parameters())
         log.info("DiT: %.2f M parameters, %.2f M trainable", n_all / 1e6, n_train / 1e6)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# What produced the training figures in README (device tool, 2x H100): bench/train_step.py variants on one GPU
+# each (two at a time, one per card), the deepspeed launcher over both cards with ZeRO-2 and ZeRO-3, and a
+# tiny-model run checkpointed on 2 GPUs and resumed on 1. Usage: bash bench/train_device.sh <phase> [out dir]
+#   phases: setup, single, multi, resume, all
+set -uo pipefail
+OUT=${2:-${OUT:-/tmp/out}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+J="$OUT/bench.jsonl"
+B="python3 bench/train_step.py --json $J"
+
+setup() {
+  # DeepSpeed and pydantic are not in the device image: carried as wheels (.whl/, see README)
+  PV=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/common/*.whl .whl/$PV/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())'
+  nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+}
+
+pair() {  # two single-GPU variants at once, one per card
+  CUDA_VISIBLE_DEVICES=0 timeout 240 $B $1 > "$OUT/s0.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 240 $B $2 > "$OUT/s1.log" 2>&1 &
+  wait
+  grep -h '^\[' "$OUT/s0.log" "$OUT/s1.log" || { tail -5 "$OUT/s0.log"; tail -5 "$OUT/s1.log"; }
+  grep -h "Error" "$OUT/s0.log" "$OUT/s1.log" | tail -4
+}
+
+single() {
+  pair "--label 1gpu-noackpt" "--act-ckpt -1 --label 1gpu-ackpt-all"
+  pair "--act-ckpt 10 --label 1gpu-ackpt10" "--act-ckpt 10 --attn cudnn --compile kernels --label 1gpu-ackpt10-cudnn-kernels"
+}
+
+multi() {
+  for z in 2 3; do
+    timeout 240 deepspeed --num_gpus 2 bench/train_step.py --json "$J" --zero $z --label 2gpu-zero$z > "$OUT/m$z.log" 2>&1
+    grep -h '^\[' "$OUT/m$z.log" || tail -8 "$OUT/m$z.log"
+  done
+}
+
+resume() {  # tiny model, real trainer: 2 GPUs write step 3, 1 GPU resumes it (universal conversion) to step 6
+  D=/tmp/rs; rm -rf $D; mkdir -p $D
+  python3 -c "import sys; sys.path.insert(0, 'tests/ml/training'); from training_fixtures import write_dataset; from pathlib import Path; write_dataset(Path('$D/data'), n_train=8, n_val=2, n_points=6000)"
+  for z in 2 3; do
+    C="--config configs/train_dit_refine-tiny.yaml data.root=$D/data run.output_dir=$D/out deepspeed.bf16=true deepspeed.dist_backend=null deepspeed.zero_stage=$z logging.wandb=disabled optim.warmup_steps=1 train.val_every=3 train.log_every=1 train.ckpt_every=3"
+    timeout 150 deepspeed --num_gpus 2 --module ml.training $C run.run_id=z$z train.max_steps=3 > "$OUT/r$z.log" 2>&1; tail -2 "$OUT/r$z.log"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m ml.training $C --resume $D/out/z$z train.max_steps=6 >> "$OUT/r$z.log" 2>&1; tail -3 "$OUT/r$z.log"
+    cat $D/out/z$z/checkpoints/step_0000006/trainer_state.json; grep -h '"step": [456]' $D/out/z$z/metrics.jsonl | cut -c1-160
+  done
+}
+
+case "${1:-all}" in
+  setup) setup ;;
+  single) setup; single ;;
+  multi) setup; multi ;;
+  resume) setup; resume ;;
+  all) setup; single; multi; resume ;;
+esac

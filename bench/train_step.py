@@ -1,0 +1,226 @@
+"""One full fine-tuning step at the official sizes: time, TFLOP/s, peak memory, and where the time goes.
+
+    python bench/train_step.py                                   # 1 GPU, configs/train_dit_refine.yaml sizes
+    python bench/train_step.py --attn cudnn --compile kernels    # variants (see --help)
+    deepspeed --num_gpus 2 bench/train_step.py --zero 3          # data-parallel: per-GPU step time and memory
+    python bench/train_step.py --config configs/train_dit_refine-tiny.yaml --steps 3   # CPU smoke run
+
+A step is what ml.training does per optimizer step with grad_accum 1 and micro-batch 1: frozen VAE encode of
+163,840 surface points (-> 8,192 tokens), frozen DINOv2-L on a 1022 px view (5,330 tokens), DiT forward and
+backward under DeepSpeed (bf16, ZeRO), gradient clipping and AdamW. The code path is ml.training's own
+(TrainModels.loss, build_engine); only the sample is synthetic (a noisy sphere and a full-frame view, so every
+one of the 8,192 tokens and 5,330 image tokens is used: the official worst case). Weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from ml.config import load_config, parse_overrides  # noqa: E402
+from ml.training.config import TrainConfig  # noqa: E402
+
+
+def synthetic_batch(cfg: TrainConfig, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.data.pc_size
+    d = torch.randn(n, 3, generator=g)
+    d = d / d.norm(dim=1, keepdim=True)
+    r = 0.8 + 0.1 * torch.sin(5 * d[:, :1]) * torch.cos(3 * d[:, 1:2])  # a bumpy sphere: ~40k voxels at 128^3
+    pts = d * r
+    label = torch.cat([torch.zeros(n // 2, 1), torch.ones(n - n // 2, 1)])
+    surface = torch.cat([pts, d, label], dim=1)[None]
+    s = cfg.data.image_size
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+    image = torch.stack([torch.sin(4 * xx), torch.cos(3 * yy), xx * yy])[None].clamp(-1, 1)
+    mask = torch.ones(1, 1, s, s)  # full frame: no background patch is dropped (5,330 image tokens)
+    return {"uid": [f"bench{seed}"], "surface": surface, "image": image, "mask": mask, "broken": []}
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """The measured bf16 matmul ceiling of this GPU (8192^3, median of 20), for an honest MFU denominator."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    ts = []
+    for _ in range(20):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        a @ b
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    return 2 * 8192**3 / statistics.median(ts) / 1e12
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/train_dit_refine.yaml")
+    ap.add_argument("--zero", type=int, default=None, help="ZeRO stage (default: the config's)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, autotuning, compile)")
+    ap.add_argument("--act-ckpt", type=int, default=None, metavar="N",
+                    help="activation checkpointing on the first N DiT blocks (-1: all)")
+    ap.add_argument("--attn", choices=["auto", "flash", "cudnn", "efficient"], default="auto",
+                    help="force one SDPA backend for the DiT and encoders")
+    ap.add_argument("--compile", choices=["none", "kernels", "blocks"], default="none",
+                    help="kernels: RefineDiT.compile_kernels() (q/k norm + RoPE); blocks: torch.compile each block")
+    ap.add_argument("--offload", action="store_true", help="ZeRO-Offload (optimizer on the CPU)")
+    ap.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    ap.add_argument("--label", default="", help="name of this variant in the output")
+    ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = ap.parse_args(argv)
+
+    over = parse_overrides(args.set)
+    over.update({"train.grad_accum": 1, "train.micro_batch": 1, "model.weights": None, "optim.warmup_steps": 0,
+                 "train.max_steps": 10**6, "model.activation_checkpointing": args.act_ckpt is not None,
+                 "model.checkpoint_blocks": None if args.act_ckpt in (None, -1) else args.act_ckpt})
+    if args.zero is not None:
+        over["deepspeed.zero_stage"] = args.zero
+    if args.offload:
+        over["deepspeed.offload_optimizer"] = True
+    if args.lora:
+        over["model.lora.enabled"] = True
+    cfg = load_config(args.config, TrainConfig, over)
+
+    from ml.models.checkpoint import build_models
+    from ml.training.engine import (apply_lora, build_engine, enable_activation_checkpointing, init_distributed,
+                                    run_every_expert)
+    from ml.training.step import TrainModels
+
+    rank, local_rank, world = init_distributed(cfg)
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.manual_seed(0)
+        models = build_models(cfg.model.arch, device=device)  # random init straight on the GPU (seconds, not minutes)
+    tm = TrainModels(models, cfg, device, None)
+    dit = tm.dit
+    if cfg.model.lora.enabled:
+        apply_lora(dit, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
+    if world > 1:
+        run_every_expert(dit)
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
+    if args.compile == "kernels":
+        dit.compile_kernels()
+    elif args.compile == "blocks":
+        for blk in dit.blocks:
+            blk.compile()
+    engine = build_engine(dit, cfg, world)
+    build_s = time.time() - t0
+    n_params = sum(p.numel() for p in dit.parameters())
+    batch = synthetic_batch(cfg, seed=rank)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(args.attn)
+    ctx = (lambda: sdpa_kernel([backend])) if backend is not None else nullcontext
+
+    def ev():
+        if cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def span(a, b):
+        return a.elapsed_time(b) / 1e3 if cuda else b - a
+
+    rows = []
+    engine.train()
+    for i in range(args.warmup + args.steps):
+        count = i == 0  # FLOPs counted once, on a warm-up step
+        with ctx():
+            e0 = ev()
+            x1, vidx, cond, cond_mask = tm._inputs(batch, train=False, gen=None)
+            e1 = ev()
+            if count:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                fc_enc = FlopCounterMode(display=False)
+                with fc_enc:
+                    tm._inputs(batch, train=False, gen=None)
+                fc = FlopCounterMode(display=False)
+                with fc:
+                    loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
+                enc_flops, dit_fwd_flops = fc_enc.get_total_flops(), fc.get_total_flops()
+            else:
+                loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
+            e2 = ev()
+            engine.backward(loss)
+            e3 = ev()
+            engine.step()
+            e4 = ev()
+        if cuda:
+            torch.cuda.synchronize()
+        if not math.isfinite(float(loss)):
+            raise RuntimeError(f"loss is {float(loss)} at step {i}")
+        if i >= args.warmup:
+            rows.append({"encoders": span(e0, e1), "dit_fwd": span(e1, e2), "dit_bwd": span(e2, e3),
+                         "optimizer": span(e3, e4), "step": span(e0, e4)})
+        if i == args.warmup - 1 and cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    tokens = x1.shape[1]
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    mems = [peak_mem]
+    if world > 1:
+        mems = [None] * world
+        dist.all_gather_object(mems, peak_mem)
+    ceiling = matmul_tflops(device) if rank == 0 else None
+    dit_flops = 3.0 * dit_fwd_flops
+    res = {
+        "label": args.label or f"zero{cfg.deepspeed.zero_stage}-{args.attn}-{args.compile}" + (f"-ackpt{args.act_ckpt}" if args.act_ckpt is not None else ""),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": world,
+        "zero_stage": cfg.deepspeed.zero_stage, "attn": args.attn, "compile": args.compile,
+        "act_ckpt": args.act_ckpt, "offload": cfg.deepspeed.offload_optimizer, "lora": cfg.model.lora.enabled,
+        "dit_params_b": n_params / 1e9, "tokens": tokens, "image_tokens": int(cond.shape[1]),
+        "step_s": med["step"], "encoders_s": med["encoders"], "dit_fwd_s": med["dit_fwd"], "dit_bwd_s": med["dit_bwd"],
+        "optimizer_s": med["optimizer"], "step_s_min": min(r["step"] for r in rows), "step_s_max": max(r["step"] for r in rows),
+        "dit_tflop": dit_flops / 1e12, "encoder_tflop": enc_flops / 1e12,
+        "dit_tflops_per_s": dit_flops / (med["dit_fwd"] + med["dit_bwd"]) / 1e12,
+        "step_tflops_per_s": (dit_flops + enc_flops) / med["step"] / 1e12,
+        "samples_per_s_total": world / med["step"],
+        "peak_mem_gib": mems, "matmul_ceiling_tflops": ceiling, "build_s": build_s, "steps": args.steps,
+    }
+    if rank == 0:
+        print(json.dumps(res), flush=True)
+        print(f"[{res['label']}] {res['device']} x{world}: step {med['step']:.3f} s (min {res['step_s_min']:.3f}) = "
+              f"encoders {med['encoders']:.3f} + DiT fwd {med['dit_fwd']:.3f} + bwd {med['dit_bwd']:.3f} + "
+              f"optimizer {med['optimizer']:.3f}; DiT {res['dit_tflops_per_s']:.0f} TFLOP/s "
+              f"({res['dit_tflop']:.1f} TFLOP), peak mem {', '.join(f'{m:.1f}' for m in mems if m is not None)} GiB, "
+              f"matmul ceiling {ceiling or 0:.0f} TFLOP/s", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

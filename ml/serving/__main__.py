@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -127,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        # LitServe shuts down gracefully (uvicorn, inference worker, manager) on KeyboardInterrupt
+        # only; without this, SIGTERM (docker stop, fab, a test's kill) would orphan its children.
+        # Forked helpers inherit this handler, so act only in the main process.
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     stop = threading.Event()
     # The model loads in LitServe's worker process; the line is printed only once /health says so.
     threading.Thread(

@@ -22,6 +22,7 @@ from fastapi import HTTPException, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from litserve.utils import WorkerSetupStatus
+from starlette.middleware.gzip import GZipMiddleware
 
 from ml.serving.auth import ApiKey
 from ml.serving.config import ServeConfig
@@ -235,6 +236,10 @@ def build_server(
         model_metadata={"ckpt": Path(ckpt).name, "model_config": Path(model_config).name},
     )
     server.guard_settings = settings
+    # LitServe adds GZipMiddleware (level 9) in front of everything. A refined GLB can be 100+ MB of
+    # float32 that barely compresses, and GZip runs on the event loop: /health and every other
+    # request would stall behind it. Clients that want compression can compress the GLB themselves.
+    server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     _replace_health(server, cfg, ckpt)
     _install_openapi(server, cfg, api_key is not None)
     return server

@@ -15,10 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing as mp
 from dataclasses import dataclass
-from typing import Any
-
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
@@ -46,16 +43,27 @@ MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the two fil
 TEXT_PART_MAX = 1024  # a parameter value longer than this is not a number anybody means
 
 
+class InflightCounter:
+    """Requests admitted and not yet answered.
+
+    A plain counter: the guard runs on one asyncio loop (ml.serving starts exactly one API server
+    process, num_api_servers=1), so admission needs no lock. With several API server processes the
+    bound would hold per process.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 @dataclass
 class GuardSettings:
     cfg: ServeConfig
     api_key: ApiKey | None  # None: auth disabled (loopback only; __main__ enforces that)
-    # Requests admitted and not yet answered, shared by every API server process (fork inherits it).
-    inflight: Any  # multiprocessing.Value("i")
+    inflight: InflightCounter
 
     @classmethod
     def create(cls, cfg: ServeConfig, api_key: ApiKey | None) -> GuardSettings:
-        return cls(cfg=cfg, api_key=api_key, inflight=mp.Value("i", 0, lock=True))
+        return cls(cfg=cfg, api_key=api_key, inflight=InflightCounter())
 
     @property
     def backstop_s(self) -> float:
@@ -114,15 +122,14 @@ class Guard:
         try:
             await self._infer(scope, receive, send)
         finally:
-            with self.s.inflight.get_lock():
-                self.s.inflight.value -= 1
+            self.s.inflight.value -= 1
 
     def _admit(self) -> bool:
-        with self.s.inflight.get_lock():
-            if self.s.inflight.value >= self.s.cfg.max_queue:
-                return False
-            self.s.inflight.value += 1
-            return True
+        # No await between the check and the increment: atomic on the event loop.
+        if self.s.inflight.value >= self.s.cfg.max_queue:
+            return False
+        self.s.inflight.value += 1
+        return True
 
     async def _infer(self, scope, receive, send) -> None:
         try:
@@ -161,6 +168,12 @@ class Guard:
     async def _read_checked(self, scope, receive) -> bytes:
         headers = Headers(scope=scope)
         ctype = headers.get("content-type", "")
+        if ctype.lower().startswith("multipart/form-data") and not ctype.startswith("multipart/form-data"):
+            # Media types are case-insensitive, but LitServe's handler compares them case-sensitively
+            # and would treat "Multipart/Form-Data" as JSON (a 500). Normalise it for LitServe.
+            ctype = "multipart/form-data" + ctype[len("multipart/form-data"):]
+            scope["headers"] = [(k, ctype.encode("latin-1")) if k == b"content-type" else (k, v)
+                                for k, v in scope["headers"]]
         if not ctype.lower().startswith("multipart/form-data"):
             raise RequestError(
                 415,

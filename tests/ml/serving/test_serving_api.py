@@ -271,6 +271,17 @@ def test_malformed_input_is_a_4xx_naming_the_problem(served, view_png, coarse_gl
     assert len(detail["message"]) > 10
 
 
+def test_media_type_case_and_no_gzip(served, view_png, coarse_glb):
+    client, _ = served
+    from ml.serving.client import encode_multipart
+
+    body, ctype = encode_multipart(FAST, {"image": ("v.png", view_png), "coarse_mesh": ("m.glb", coarse_glb)})
+    ctype = ctype.replace("multipart/form-data", "Multipart/Form-Data")
+    r = client.post("/infer", content=body, headers={**AUTH, "Content-Type": ctype, "Accept-Encoding": "gzip"})
+    assert r.status_code == 200, r.content[:300]
+    assert "content-encoding" not in r.headers  # GLBs are sent as they are (see build_server)
+
+
 def test_wrong_method_is_405(served):
     client, _ = served
     assert client.get("/infer", headers=AUTH).status_code == 405

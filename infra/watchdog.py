@@ -131,6 +131,7 @@ class State:
 
     pod_id: str
     started_at: float  # when the first worker started (our clock)
+    session: str = ""  # the supervisor's run; only a worker of the same run resumes this state
     idle_since: Optional[float] = None
     billed_before_usd: Optional[float] = None  # stack spend billed when we started; None until known
     usd_per_hour: float = 0.0
@@ -309,6 +310,7 @@ class Watchdog:
         sync: Callable[[], None] = os.sync,
         interrupt_job: Optional[Callable[[Path], bool]] = None,
         echo: Optional[Callable[[str], None]] = None,
+        session: str = "",
     ):
         self.s = settings
         self.client = client
@@ -323,13 +325,16 @@ class Watchdog:
         self.state_path = self.s.job_dir / STATE_FILE
         self.log_path = self.s.job_dir / LOG_FILE
         prev = State.load(self.state_path)
-        if prev is not None and prev.pod_id == self.s.pod_id and prev.outcome in ("watching", "stopping", "stop-failing"):
+        # Resume only our own supervisor's state: a watchdog killed with its container (`fab teardown`, a pod
+        # stop) leaves "watching" behind, and its start time and billing baseline belong to that old session.
+        if (prev is not None and session and prev.session == session and prev.pod_id == self.s.pod_id
+                and prev.outcome in ("watching", "stopping", "stop-failing")):
             self.st = prev  # a restarted worker: keep the start time, the idle clock and the billing baseline
             self.st.restarts += 1
             self.log("resume", restarts=self.st.restarts, started_at=_iso(self.st.started_at),
                      idle_since=_iso(self.st.idle_since) if self.st.idle_since else None)
         else:
-            self.st = State(pod_id=self.s.pod_id, started_at=self.clock())
+            self.st = State(pod_id=self.s.pod_id, started_at=self.clock(), session=session)
             # `fab train` may start us a moment before the job, whose start removes the previous run's
             # exit_code; until then that file says nothing about the job we watch.
             self.st.stale_exit_mtime = _mtime(self.s.job_dir / EXIT_FILE)
@@ -593,10 +598,11 @@ def supervise(argv: list[str], s: Settings, *, max_restarts: int = 5, restart_wi
         return 0
     deaths: list[float] = []
     me = os.getpid()
+    session = f"{me}-{time.time_ns()}"
     _write_supervisor_pid(s.job_dir, me)
     log = _LogOnly(s.job_dir)
     while True:
-        cmd = [sys.executable, "-m", "infra.watchdog", "--worker", *argv]
+        cmd = [sys.executable, "-m", "infra.watchdog", "--worker", "--session", session, *argv]
         # Own session: a kill aimed at the job's process group or tmux session does not reach the worker.
         proc = subprocess.Popen(cmd, start_new_session=True)
         log("worker-started", worker_pid=proc.pid, supervisor_pid=me)
@@ -616,7 +622,7 @@ def supervise(argv: list[str], s: Settings, *, max_restarts: int = 5, restart_wi
             log("crash-loop", note=f"worker died {len(deaths)} times in {restart_window_s:.0f} s; "
                 "stopping the pod from the supervisor: a pod nobody watches must not run")
             client = (client_factory or _make_client)()
-            wd = Watchdog(s, client)
+            wd = Watchdog(s, client, session=session)
             wd.st.outcome = "stopping"
             wd.shutdown(Decision(True, "watchdog-crash-loop", f"worker died {len(deaths)} times"))
             return 0
@@ -773,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-supervisor", action="store_true", help="run the worker alone (no restart on a crash)")
     ap.add_argument("--max-restarts", type=int, default=5, help="worker deaths in 10 min before the supervisor stops the pod")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--session", default="", help=argparse.SUPPRESS)
     return ap
 
 
@@ -839,11 +846,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(str(e))
     s.job_dir.mkdir(parents=True, exist_ok=True)
     passthrough = [a for a in argv if a not in ("--daemon", "--worker")]
+    if "--session" in passthrough:  # only the supervisor hands out sessions
+        i = passthrough.index("--session")
+        del passthrough[i:i + 2]
     if args.worker or args.no_supervisor:
         lock = _try_lock(s.job_dir / (LOCK_FILE + ".worker"))
         if lock is None:
             return EX_LOCKED
-        wd = Watchdog(s, _make_client())
+        wd = Watchdog(s, _make_client(), session=args.session)
         wd.run()
         return 0
     if args.daemon:

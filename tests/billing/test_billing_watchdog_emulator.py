@@ -263,3 +263,26 @@ def test_cpu_pod_without_nvidia_smi_still_stops_on_job_end(frozen_emu, make_pod,
     assert any(e["event"] == "gpu-unknown" for e in events(job_dir))
     wd.atomic_write(job_dir / "exit_code", "0\n")
     assert w.check().reason == "job-ended"
+
+
+def test_state_left_by_a_killed_session_is_not_resumed(frozen_pod, tmp_path, bounded_sleep):
+    """`fab teardown` kills the watchdog with the container, leaving outcome 'watching' in its state. The next
+    session's watchdog must start afresh: an old start time would mean an instant max-runtime stop."""
+    emu, client, pod = frozen_pod
+    job_dir = tmp_path / "j"
+    s = wd.Settings(job_dir=job_dir, pod_id=pod.id, idle_minutes=0, max_runtime_hours=2, poll_s=30)
+    old = wd.Watchdog(s, client, clock=emu.clock.now, sleep=bounded_sleep(emu), gpu_probe=lambda: [99],
+                      echo=lambda _: None, session="monday")
+    assert not old.check().stop
+    client.stop_pod(pod.id)  # teardown: the old watchdog dies with the container, mid-watch
+    emu.advance(3 * 3600)
+    client.start_pod(pod.id)
+    emu.wait_running(pod.id)
+    new = wd.Watchdog(s, client, clock=emu.clock.now, sleep=bounded_sleep(emu), gpu_probe=lambda: [99],
+                      echo=lambda _: None, session="tuesday")
+    assert new.st.started_at == emu.clock.now() and new.st.restarts == 0
+    assert not new.check().stop
+    # ...while a worker restarted by the same supervisor does resume
+    again = wd.Watchdog(s, client, clock=emu.clock.now, sleep=bounded_sleep(emu), gpu_probe=lambda: [99],
+                        echo=lambda _: None, session="tuesday")
+    assert again.st.started_at == new.st.started_at and again.st.restarts == 1

@@ -72,7 +72,7 @@ class RefineClient:
             req.add_header("X-API-Key", self.api_key)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                return r.status, r.read(), dict(r.headers)
+                return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as e:
             body = e.read()
             try:
@@ -97,14 +97,23 @@ class RefineClient:
         coarse_mesh: str | os.PathLike | bytes,
         **params: int | float,
     ) -> bytes:
-        """POST /infer; returns the refined GLB bytes. params: steps, guidance, octree_resolution, seed."""
+        """POST /infer; returns the refined GLB bytes. params: steps, guidance, octree_resolution, seed, timeout_s."""
+        return self.infer_with_headers(image, coarse_mesh, **params)[0]
+
+    def infer_with_headers(
+        self,
+        image: str | os.PathLike | bytes,
+        coarse_mesh: str | os.PathLike | bytes,
+        **params: int | float,
+    ) -> tuple[bytes, dict]:
+        """As infer(), plus the response headers, lower-cased (x-mesh-faces, x-refine-seconds, ...)."""
         fields = {k: str(v) for k, v in params.items() if v is not None}
         body, ctype = encode_multipart(
             fields, {IMAGE_FIELD: _as_file(image, "image.png"), MESH_FIELD: _as_file(coarse_mesh, "coarse_mesh.glb")}
         )
         req = urllib.request.Request(f"{self.url}/infer", data=body, method="POST", headers={"Content-Type": ctype})
-        _, out, _ = self._open(req)
-        return out
+        _, out, headers = self._open(req)
+        return out, headers
 
 
 class ServerProcess:

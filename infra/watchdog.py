@@ -489,7 +489,7 @@ class Watchdog:
         self.st.outcome, self.st.reason = "stopping", d.reason
         self.log("decision", action="stop", reason=d.reason, detail=d.detail)
         self.save()
-        if self.job_exit_code(self.clock()) is None and read_exit_code(self.s.job_dir) is None:
+        if read_exit_code(self.s.job_dir) is None:  # still running: let it checkpoint first
             self._interrupt()
         self.flush()
         self.stop_pod()
@@ -579,7 +579,8 @@ def interrupt_tmux_job(job_dir: Path) -> bool:
     sock = job_dir.parent / "tmux.sock"
     if not session or not sock.exists():
         return False
-    r = subprocess.run(["tmux", "-S", str(sock), "send-keys", "-t", f"={session}", "C-c"],
+    # "=name:" — exact session match, its current window; a bare "=name" is not a pane target for send-keys.
+    r = subprocess.run(["tmux", "-S", str(sock), "send-keys", "-t", f"={session}:", "C-c"],
                        capture_output=True, timeout=20)
     return r.returncode == 0
 

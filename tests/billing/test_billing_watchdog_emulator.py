@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -286,3 +287,46 @@ def test_state_left_by_a_killed_session_is_not_resumed(frozen_pod, tmp_path, bou
     again = wd.Watchdog(s, client, clock=emu.clock.now, sleep=bounded_sleep(emu), gpu_probe=lambda: [99],
                         echo=lambda _: None, session="tuesday")
     assert again.st.started_at == new.st.started_at and again.st.restarts == 1
+
+
+def test_budget_stop_interrupts_a_running_tmux_job_which_checkpoints_first(frozen_pod, tmp_path):
+    """A stop for money or time interrupts a job still running (Ctrl-C into its tmux session, as remote/jobs.py
+    started it); the job's last checkpoint is on disk before the pod stops."""
+    import shutil
+    import time
+
+    from remote import jobs
+    from remote.target import LocalTarget
+
+    if not shutil.which("tmux"):
+        pytest.skip("tmux not installed (make sysdeps)")
+    emu, client, pod = frozen_pod
+    t = LocalTarget(root=tmp_path / "ws")
+    trainer = (
+        "mkdir -p outputs/run1; "
+        "trap 'echo interrupted > outputs/run1/step_final.pt.tmp; mv outputs/run1/step_final.pt.tmp "
+        "outputs/run1/step_final.pt; exit 130' INT; "
+        "while true; do sleep 0.1; done"
+    )
+    jobs.start(t, "train", trainer)
+    try:
+        job_dir = Path(jobs.job_dir(t, "train"))
+        deadline = time.monotonic() + 10
+        while jobs.state(t, "train").state != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def sleep(seconds):  # emulated time for the watchdog, a little real time for the job to react
+            emu.advance(seconds)
+            time.sleep(min(seconds, 0.05))
+
+        s = wd.Settings(job_dir=job_dir, pod_id=pod.id, idle_minutes=0, max_runtime_hours=0.5, poll_s=60,
+                        interrupt_grace_s=120)
+        w = wd.Watchdog(s, client, clock=emu.clock.now, sleep=sleep, gpu_probe=lambda: [99], echo=lambda _: None)
+        assert w.run() == "max-runtime"
+        assert emu.pod(pod.id).status == "EXITED"
+        ev = [e["event"] for e in events(job_dir)]
+        assert ev.index("interrupt") < ev.index("job-exited") < ev.index("stopped"), [e for e in events(job_dir) if e["event"] != "check"]
+        assert (tmp_path / "ws" / "outputs" / "run1" / "step_final.pt").read_text().strip() == "interrupted"
+        assert wd.read_exit_code(job_dir) == 130
+    finally:
+        jobs.stop(t, "train")

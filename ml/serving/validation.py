@@ -345,21 +345,30 @@ def decode_mesh(data: bytes, limits: LimitsConfig):
             f"'coarse_mesh' has {n_v} vertices; the limit is {limits.max_mesh_vertices} (decimate it first)",
             MESH_FIELD,
         )
-    if n_f < limits.min_mesh_faces:
+    v = np.asarray(mesh.vertices)
+    f = np.asarray(mesh.faces)
+    # Count distinct faces when that is cheap: one triangle repeated is still one triangle.
+    distinct = len(np.unique(np.sort(f, axis=1), axis=0)) if n_f <= 100_000 else n_f
+    if distinct < limits.min_mesh_faces:
         raise RequestError(
             422,
             "mesh_too_small",
-            f"'coarse_mesh' has {n_f} face(s); at least {limits.min_mesh_faces} are needed to describe a volume",
+            f"'coarse_mesh' has {distinct} distinct face(s); at least {limits.min_mesh_faces} are needed "
+            "to describe a volume",
             MESH_FIELD,
         )
-    v = np.asarray(mesh.vertices)
-    f = np.asarray(mesh.faces)
     if not np.isfinite(v).all():
         bad = int((~np.isfinite(v)).any(axis=1).sum())
         raise RequestError(422, "invalid_mesh", f"'coarse_mesh' has {bad} vertices with NaN or infinite coordinates", MESH_FIELD)
     if f.min() < 0 or f.max() >= n_v:
         raise RequestError(422, "invalid_mesh", "'coarse_mesh' has faces that index missing vertices", MESH_FIELD)
-    extent = float(np.linalg.norm(v[f.reshape(-1)].max(axis=0) - v[f.reshape(-1)].min(axis=0)))
+    used = v[np.unique(f)]
+    with np.errstate(over="ignore"):  # an overflowing span is reported just below
+        extent = float(np.linalg.norm(used.max(axis=0) - used.min(axis=0)))
+    if not math.isfinite(extent):
+        raise RequestError(
+            422, "invalid_mesh", "'coarse_mesh' spans an infinite range (coordinates overflow float64)", MESH_FIELD
+        )
     if extent < limits.min_mesh_extent:
         raise RequestError(
             422,

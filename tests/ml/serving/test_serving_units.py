@@ -204,7 +204,11 @@ def test_decode_mesh_keeps_frame_and_applies_scene_transform():
     "make,code",
     [
         (lambda: trimesh.Trimesh(vertices=[[0, 0, 0], [1, 0, 0], [0, 1, 0]], faces=[[0, 1, 2]]), "mesh_too_small"),
-        (lambda: trimesh.Trimesh(vertices=np.zeros((4, 3)), faces=[[0, 1, 2], [0, 2, 3], [0, 1, 3], [1, 2, 3]]), "degenerate_mesh"),
+        (lambda: trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]] * 5, process=False), "mesh_too_small"),
+        (
+            lambda: trimesh.Trimesh(np.zeros((4, 3)), [[0, 1, 2], [0, 2, 3], [0, 1, 3], [1, 2, 3]], process=False),
+            "degenerate_mesh",
+        ),
     ],
 )
 def test_decode_mesh_rejects_tiny_and_degenerate(make, code):
@@ -213,7 +217,7 @@ def test_decode_mesh_rejects_tiny_and_degenerate(make, code):
     assert e.value.status == 422 and e.value.code == code
 
 
-def test_decode_mesh_rejects_point_cloud_nan_and_huge():
+def test_decode_mesh_rejects_point_cloud_nan_overflow_and_huge():
     pc = trimesh.PointCloud(np.random.rand(10, 3)).export(file_type="ply")
     with pytest.raises(RequestError) as e:
         decode_mesh(pc, LIM)
@@ -221,6 +225,11 @@ def test_decode_mesh_rejects_point_cloud_nan_and_huge():
     obj = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv nan 0 1\nf 1 2 3\nf 1 2 4\nf 2 3 4\nf 1 3 4\n".encode()
     with pytest.raises(RequestError) as e:
         decode_mesh(obj, LIM)
+    assert e.value.code == "invalid_mesh"
+    # float64 coordinates whose span overflows: every vertex is finite, the bounding box is not.
+    far = "v -1e308 0 0\nv 1e308 0 0\nv 0 1 0\nv 0 0 1\nf 1 2 3\nf 1 2 4\nf 2 3 4\nf 1 3 4\n".encode()
+    with pytest.raises(RequestError) as e:
+        decode_mesh(far, LIM)
     assert e.value.code == "invalid_mesh"
     small_cap = LimitsConfig(max_mesh_faces=10, max_mesh_vertices=10)
     with pytest.raises(RequestError) as e:

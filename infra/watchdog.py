@@ -785,15 +785,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args) -> Settings:
-    # Precedence: the command line, then the stack file (shipped with the kit at the user's current revision,
-    # so fresher than the pod's environment, which was fixed at `pulumi up`), then that environment.
+    # Precedence: the command line (playbooks/cost.watchdog_args fills it from the laptop's stack file, the
+    # freshest copy), then the pod's environment (set from the stack at `pulumi up`), then the stack file the
+    # kit shipped with (the committed revision), then the defaults.
     stack = _stack_defaults(args.stack) if args.stack else {}
-    idle = args.idle_minutes if args.idle_minutes is not None else stack.get(
-        "idle", _env_float("ULTRASHAPE_AUTOSTOP_IDLE_MINUTES", 30.0))
-    runtime = args.max_runtime_hours if args.max_runtime_hours is not None else stack.get(
-        "runtime", _env_float("ULTRASHAPE_MAX_RUNTIME_HOURS", 24.0))
-    budget = args.budget_usd if args.budget_usd is not None else stack.get(
-        "budget", _env_float("ULTRASHAPE_BUDGET_USD", 0.0))
+
+    def pick(flag, env, key, default):
+        if flag is not None:
+            return flag
+        return _env_float(env, stack.get(key, default))
+
+    idle = pick(args.idle_minutes, "ULTRASHAPE_AUTOSTOP_IDLE_MINUTES", "idle", 30.0)
+    runtime = pick(args.max_runtime_hours, "ULTRASHAPE_MAX_RUNTIME_HOURS", "runtime", 24.0)
+    budget = pick(args.budget_usd, "ULTRASHAPE_BUDGET_USD", "budget", 0.0)
     volume_ids = list(args.volume_id)
     env_vol = os.environ.get("ULTRASHAPE_NETWORK_VOLUME_ID", "").strip()
     if env_vol and env_vol not in volume_ids:

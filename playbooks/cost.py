@@ -149,9 +149,14 @@ def estimate_lines(
 def watchdog_args(t, job: str = "train") -> list[str]:
     """Arguments for `python -m infra.watchdog` beside job `job` on pod target `t` (remote/stack.PodTarget).
 
-    Start it with --daemon (it detaches and returns) or as a detached job of its own. Its settings come from
-    the stack file shipped with the kit (--stack), the pod's id and key from the pod's environment."""
+    Start it with --daemon (it detaches and returns). The limits come from this machine's stack file (the
+    freshest: `pulumi config set` edits not yet committed or applied are in it); the pod's id and API key come
+    from the pod's environment."""
     args = ["--daemon", "--job-dir", t.path("jobs", job), "--stack", t.name]
+    cfg = getattr(t, "config", None)
+    if cfg is not None:
+        args += ["--idle-minutes", f"{cfg.autostop_idle_minutes:g}", "--max-runtime-hours", f"{cfg.max_runtime_hours:g}",
+                 "--budget-usd", f"{cfg.budget_usd:g}"]
     return args
 
 

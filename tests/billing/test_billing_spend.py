@@ -113,6 +113,10 @@ def test_watchdog_args_and_health_line(tmp_path):
     t.name = "h100"
     args = pc.watchdog_args(t)
     assert args == ["--daemon", "--job-dir", str(tmp_path / "jobs" / "train"), "--stack", "h100"]
+    from infra.stack_config import load_stack_config
+
+    t.config = load_stack_config("h100")  # what a PodTarget carries
+    assert pc.watchdog_args(t)[-6:] == ["--idle-minutes", "30", "--max-runtime-hours", "48", "--budget-usd", "150"]
     assert "will NOT stop" in pc.watchdog_line(t)
     (tmp_path / "jobs" / "train").mkdir(parents=True)
     State(pod_id="p", started_at=0, last_check=time.time(), poll_s=30).save(tmp_path / "jobs" / "train" / "watchdog.json")

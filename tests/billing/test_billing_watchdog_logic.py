@@ -201,6 +201,17 @@ def test_cli_defaults_come_from_the_pod_environment(tmp_path, monkeypatch):
     assert (s.pod_id, s.budget_usd, s.idle_minutes) == ("p2", 5, 0)
 
 
+def test_cli_precedence_flag_then_env_then_stack_file(tmp_path, monkeypatch):
+    for k in ("ULTRASHAPE_BUDGET_USD", "ULTRASHAPE_AUTOSTOP_IDLE_MINUTES", "ULTRASHAPE_MAX_RUNTIME_HOURS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RUNPOD_POD_ID", "p")
+    monkeypatch.setenv("ULTRASHAPE_BUDGET_USD", "99")
+    args = wd.build_parser().parse_args(["--job-dir", str(tmp_path), "--stack", "a40", "--idle-minutes", "7"])
+    s = wd.settings_from_args(args)
+    # flag 7; env 99; Pulumi.a40.yaml's maxRuntimeHours (8) where neither flag nor env says
+    assert (s.idle_minutes, s.budget_usd, s.max_runtime_hours) == (7, 99, 8)
+
+
 def test_cli_refuses_without_pod_id(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
     with pytest.raises(SystemExit):

@@ -10,12 +10,12 @@ Tasks are thin: they parse flags, pick the target (remote/stack.py) and call rem
 
 from invoke import Collection
 
-from playbooks import prepare, run, serve
+from playbooks import cost, prepare, run, serve
 
 TASKS = [
     prepare.setup, prepare.sync, prepare.process, prepare.weights,
     run.train, run.status, run.logs, run.tensorboard, run.fetch,
-    serve.serve, serve.infer, serve.teardown,
+    serve.serve, serve.infer, serve.teardown, cost.cost,
 ]  # fmt: skip
 
 namespace = Collection(*TASKS)

@@ -41,45 +41,42 @@ TRAIN_HELP = {
     "follow": "stream the log (Ctrl-C detaches; training goes on)",
     "autostop": "start the pod's watchdog (stops it when training ends, idles or hits the budget); "
                 "--no-autostop if you will stop it yourself",
+    "dry_run": "print the cost estimate (GPU $/h, hours, storage) and start nothing",
     "overrides": "training config overrides, e.g. \"train.max_steps=2000 optim.lr=5e-6\"",
 }
 
 
-def start_watchdog(t: Target, job: str) -> None:
-    """Start the pod's autostop watchdog (infra/watchdog.py) for a GPU job; never on this machine.
+def start_watchdog(t: Target, job: str, linger_minutes: float = 0.0) -> None:
+    """Start the pod's autostop watchdog (infra/watchdog.py, args from playbooks/cost.py) for a GPU job.
 
-    It stops the pod when the job ends, the GPU idles, the runtime or the budget runs out. The API
-    key reaches it on stdin, not in a file or on a command line (the pod keeps its volume for months).
+    It stops the pod when the job ends (after `linger_minutes`, time for a `fab fetch`), the GPU idles,
+    or the runtime or budget runs out. Never on this machine. The pod's own environment carries its id
+    and API key on RunPod (/etc/rp_environment for SSH sessions); the laptop's key is only a fallback,
+    and it travels on stdin, never in a file or on a command line.
     """
     if t.kind != "pod" or t.pod is None:
         return
+    from playbooks.cost import watchdog_args
+
+    args = watchdog_args(t, job) + ["--pod-id", t.pod.id]
+    if linger_minutes:
+        args += ["--linger-minutes", f"{linger_minutes:g}"]
     key = os.environ.get("RUNPOD_API_KEY", "")
     base = os.environ.get("RUNPOD_API_BASE", "")
-    # The pod's own environment wins (RunPod gives each pod a key scoped to it); the laptop's is the fallback.
     cmd = (
         f"{t.env_prefix()} {{ [ ! -f /etc/rp_environment ] || . /etc/rp_environment; }}; "
         f"IFS= read -r k; [ -n \"${{RUNPOD_API_KEY:-}}\" ] || export RUNPOD_API_KEY=\"$k\"; "
         + (f"[ -n \"${{RUNPOD_API_BASE:-}}\" ] || export RUNPOD_API_BASE={shlex.quote(base)}; " if base else "")
-        + py(t, "infra.watchdog", "--daemon", "--job-dir", jobs.job_dir(t, job), "--pod-id", t.pod.id, "--stack", t.name)
+        + py(t, "infra.watchdog", *args)
     )
     r = t.run(cmd, input=key + "\n", check=False)
     if r.ok:
-        say(f"[{t.name}] watchdog on '{job}' (pid {r.stdout.strip()}): the pod stops itself when the job ends, "
+        linger = f" (+{linger_minutes:g} min for a fetch)" if linger_minutes else ""
+        say(f"[{t.name}] watchdog on '{job}' (pid {r.stdout.strip()}): the pod stops itself when the job ends{linger}, "
             f"idles {t.config.autostop_idle_minutes} min or reaches ${t.config.budget_usd:g}")
     else:
         say(f"[{t.name}] WARNING: the watchdog did not start ({(r.stderr or r.stdout).strip()[-300:]}); "
             f"this pod will not stop by itself: `fab teardown --stack {t.name}` when done")
-
-
-def watchdog_line(t: Target, job: str = "train") -> str | None:
-    if t.kind != "pod":
-        return None
-    text = t.read_text(jobs.job_dir(t, job) + "/watchdog.json")
-    if text is None:
-        return None
-    from infra.watchdog import health
-
-    return health(text).message
 
 
 def needs_weights(config: str) -> str | None:
@@ -99,10 +96,32 @@ def can_resume(t: Target) -> bool:
 
 @task(help=TRAIN_HELP)
 def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=False, follow=True, overrides="",
-          autostop=True):
+          autostop=True, dry_run=False):
     """Do whatever is missing (setup, sync, process, weights), then train detached and follow it."""
     train_cfg = config_path("train", config, tiny)
     tiny = tiny or train_cfg.endswith("-tiny.yaml")
+    from remote.stack import default_stack
+
+    name = stack or default_stack()
+    if name != "local":
+        from playbooks.cost import budget_problem, estimate_lines
+
+        if dry_run:
+            meshes = int(limit) if limit else None
+            for line in estimate_lines(name, train_cfg, meshes=meshes, data_dir=src):
+                print(line)
+            return
+        try:
+            problem = budget_problem(name)
+        except Exception as e:  # noqa: BLE001 - an unreachable billing API must not block the user's run
+            problem = None
+            say(f"[{name}] could not check the budget ({e}); the pod's watchdog still enforces it")
+        if problem:
+            raise SystemExit(f"error: {problem}")
+    elif dry_run:
+        print("local: nothing is billed")
+        return
+    stack = name
     with target(stack) as t:
         st = jobs.state(t, "train")
         if st.state == "running":
@@ -138,7 +157,8 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             cmd = py(t, "ml.training", *args)
         run_job(t, "train", cmd, follow=False)
         if autostop:
-            start_watchdog(t, "train")
+            # Someone following the run will want `fab fetch` right after it: give them ten minutes.
+            start_watchdog(t, "train", linger_minutes=10 if follow else 0)
         elif t.kind == "pod":
             say(f"[{t.name}] no watchdog (--no-autostop): this pod bills until `fab teardown --stack {t.name}`")
         if follow:
@@ -180,18 +200,14 @@ def gpu_lines(t: Target) -> list[str]:
     return out
 
 
-def spend_line(t: Target) -> str | None:
-    """$ billed so far for the stack's pod (infra/cost.py over the billing API)."""
-    if t.kind != "pod" or t.pod is None:
-        return None
+def spend_lines(stack: str, client=None) -> list[str]:
+    """$ billed so far for the stack (playbooks/cost.py over the billing API); never fails the caller."""
     try:
-        from infra.cost import stack_spend
+        from playbooks.cost import spend_lines as billed
 
-        vols = [t.pod.network_volume_id] if t.pod.network_volume_id else []
-        sp = stack_spend(t.client, t.name, [t.pod.id], vols, budget_usd=t.config.budget_usd or None)
-        return "; ".join(sp.lines())
-    except Exception as e:  # noqa: BLE001 - status must show the rest even when billing is unreachable
-        return f"cost: unavailable ({e})"
+        return billed(stack, client)
+    except Exception as e:  # noqa: BLE001 - status and teardown must finish even when billing is unreachable
+        return [f"{stack}: spend unavailable ({e})"]
 
 
 @task(help={"stack": STACK_HELP})
@@ -213,9 +229,8 @@ def status(c, stack=None):
             return
         gpu = f"{pod.gpu_count}x {pod.gpu_type_id}" if pod.gpu_type_id else "no GPU"
         print(f"{name}: pod {pod.id} {pod.status}, {gpu}, ${pod.cost_per_hr:.2f}/h now")
-        line = spend_line(pt)
-        if line:
-            print(f"  {line}")
+        for line in spend_lines(name, pt.client):
+            print(f"  {line.strip()}")
         if pod.status != "RUNNING":
             print(f"  (stopped: nothing runs and the GPU is not billed; `fab train --stack {name}` starts it)")
             return
@@ -227,9 +242,10 @@ def status(c, stack=None):
             if s.state != "absent" and job != "train":
                 print(f"  {job}: {s.state}" + (f" (exit {s.exit_code})" if s.exit_code is not None else ""))
         status_lines(t)
-        line = watchdog_line(t)
-        if line:
-            print(f"  {line}")
+        if t.kind == "pod":
+            from playbooks.cost import watchdog_line
+
+            print(f"  {watchdog_line(t, 'train')}")
 
 
 @task(help={"stack": STACK_HELP, "job": "train, process, weights, setup, serve, watchdog, tensorboard",

@@ -129,7 +129,7 @@ def teardown(c, stack=None, terminate=False, yes=False):
             print("local: nothing is billed here")
         return
     from remote.stack import PodTarget
-    from playbooks.run import spend_line
+    from playbooks.run import spend_lines
 
     pt = PodTarget(name, start=False, log=say)
     try:
@@ -150,9 +150,8 @@ def teardown(c, stack=None, terminate=False, yes=False):
             pod = pt.client.wait_for_pod(pod.id, "EXITED", timeout=300, poll=2, require_ssh=False)
             print(f"{name}: pod {pod.id} stopped ({pod.status}): GPU billing stopped, /workspace kept. "
                   f"`fab train --stack {name}` starts it again.")
-        line = spend_line(pt)
-        if line:
-            print(f"  {line}")
+        for line in spend_lines(name, pt.client):
+            print(f"  {line.strip()}")
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - one clear line; the pod id is in it

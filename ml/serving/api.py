@@ -11,7 +11,6 @@ decodes the image and mesh fully and answers bad content with a 4xx naming the p
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from pathlib import Path
@@ -39,7 +38,6 @@ from ml.serving.validation import (
     split_form,
 )
 
-log = logging.getLogger("ml.serving")
 GLB_MEDIA_TYPE = "model/gltf-binary"
 API_TITLE = "UltraShape refine API"
 API_VERSION = "1.0"

@@ -98,3 +98,95 @@ def test_mutated_requests_never_5xx(rig):
             assert r.headers["content-type"].startswith("application/json") or r.content == b""
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
     assert len(seen) >= 3, seen  # the mutations reach several different checks
+
+
+# ------------------------------------------------------------------------------------- guard alone
+
+
+class _Downstream:
+    """An ASGI app standing in for LitServe behind the guard: records what reaches it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.calls += 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _drive(guard: Guard, headers: list[tuple[bytes, bytes]], receive) -> list[dict]:
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/infer", "headers": headers, "query_string": b""}
+    await guard(scope, receive, send)
+    return sent
+
+
+def _status_and_body(sent: list[dict]) -> tuple[int, dict]:
+    import json
+
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_full_queue_is_503_before_the_body_is_read():
+    import asyncio
+
+    cfg = from_dict(ServeConfig, {"max_queue": 2})
+    settings = GuardSettings.create(cfg, ApiKey(KEY, "test", False))
+    down = _Downstream()
+    guard = Guard(down, settings)
+    reads = 0
+
+    async def receive():
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    headers = [(b"x-api-key", KEY.encode()), (b"content-type", b"multipart/form-data; boundary=x")]
+    settings.inflight.value = 2  # two requests already admitted
+    status, body = _status_and_body(asyncio.run(_drive(guard, headers, receive)))
+    assert status == 503 and body["detail"]["code"] == "queue_full"
+    assert reads == 0 and down.calls == 0 and settings.inflight.value == 2
+
+
+def test_slow_upload_is_408_and_frees_its_slot():
+    import asyncio
+
+    cfg = from_dict(ServeConfig, {"upload_timeout_s": 0.3})
+    settings = GuardSettings.create(cfg, ApiKey(KEY, "test", False))
+    guard = Guard(_Downstream(), settings)
+    first = True
+
+    async def receive():  # one chunk, then the client goes quiet
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"--x\r\n", "more_body": True}
+        await asyncio.sleep(3600)
+
+    headers = [(b"x-api-key", KEY.encode()), (b"content-type", b"multipart/form-data; boundary=x")]
+    status, body = _status_and_body(asyncio.run(_drive(guard, headers, receive)))
+    assert status == 408 and body["detail"]["code"] == "upload_timeout"
+    assert settings.inflight.value == 0
+
+
+def test_chunked_upload_over_the_cap_stops_reading():
+    import asyncio
+
+    cfg = from_dict(ServeConfig, {"limits": {"max_request_bytes": 100_000, "max_image_bytes": 50_000, "max_mesh_bytes": 50_000}})
+    guard = Guard(_Downstream(), GuardSettings.create(cfg, ApiKey(KEY, "test", False)))
+    chunks = 0
+
+    async def receive():  # no Content-Length: 64 KiB chunks forever
+        nonlocal chunks
+        chunks += 1
+        return {"type": "http.request", "body": b"\0" * 65536, "more_body": True}
+
+    headers = [(b"x-api-key", KEY.encode()), (b"content-type", b"multipart/form-data; boundary=x")]
+    status, body = _status_and_body(asyncio.run(_drive(guard, headers, receive)))
+    assert status == 413 and body["detail"]["code"] == "request_too_large"
+    assert chunks <= (100_000 + 65536) // 65536 + 2

@@ -56,12 +56,14 @@ def target(stack: str | None):
         raise SystemExit(f"error: {e}") from None
 
 
-def run_job(t: Target, name: str, command: str, *, follow: bool = True, env: dict | None = None) -> jobs.JobState:
+def run_job(t: Target, name: str, command: str, *, follow: bool = True, env: dict | None = None,
+            hint: bool = True) -> jobs.JobState:
     """Start `command` as detached job `name` on `t` (in the workspace, kit on PYTHONPATH) and follow it."""
     say(f"[{t.name}] {name}: {command}")
     jobs.start(t, name, command, env=env)
     if not follow:
-        say(f"[{t.name}] {name} runs detached; `fab logs --job {name} --follow --stack {t.name}` follows it")
+        if hint:
+            say(f"[{t.name}] {name} runs detached; `fab logs --job {name} --follow --stack {t.name}` follows it")
         return jobs.state(t, name)
     return follow_job(t, name)
 

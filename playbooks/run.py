@@ -155,7 +155,7 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             cmd = py(t, "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--module", "ml.training", *args)
         else:
             cmd = py(t, "ml.training", *args)
-        run_job(t, "train", cmd, follow=False)
+        run_job(t, "train", cmd, follow=False, hint=not follow)
         if autostop:
             # Someone following the run will want `fab fetch` right after it: give them ten minutes.
             start_watchdog(t, "train", linger_minutes=10 if follow else 0)

@@ -1,0 +1,78 @@
+"""`--stack local`: the same fab tasks, jobs and layout on this machine (what `make demo` runs).
+
+    .venv/bin/python -m pytest tests/playbooks/test_playbooks_local.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remote.target import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def fab(env, *args, timeout=300) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "fabric", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"fab {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = {**os.environ, "ULTRASHAPE_LOCAL_WORKSPACE": str(tmp_path / "ws"), "ULTRASHAPE_STATE_DIR": str(tmp_path / "state"),
+         "PULUMI_HOME": str(tmp_path / "no-pulumi")}  # no selected Pulumi stack: the default is local
+    e.pop("ULTRASHAPE_STACK", None)
+    return e
+
+
+def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
+    ws = tmp_path / "ws"
+    r = fab(env, "setup")
+    assert "venv: local" in r.stderr and (ws / "configs").is_symlink()
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    import trimesh
+
+    trimesh.creation.icosphere(subdivisions=2).export(meshes / "ball.obj")
+    trimesh.creation.box().export(meshes / "box.stl")
+    r = fab(env, "sync", "--src", str(meshes), "--limit", "1")
+    assert sorted(os.listdir(ws / "data" / "input")) == ["ball.obj"]
+
+    # A processed set as ml.processing writes it (the processing stage has its own tests).
+    sys.path.insert(0, str(REPO / "tests" / "ml" / "training"))
+    from training_fixtures import write_dataset
+
+    write_dataset(ws / "data" / "output")
+    over = "train.max_steps=4 optim.warmup_steps=1 train.ckpt_every=2 train.val_every=0 train.log_every=1 logging.wandb=disabled"
+    r = fab(env, "train", "--tiny", "--src", str(tmp_path / "none"), "--overrides", over, timeout=600)
+    assert "process: data/output is up to date" in r.stderr
+    assert "step 4/4 (100%)" in r.stdout and "job: done (exit 0)" in r.stdout, r.stdout
+    assert "watchdog" not in r.stderr  # nothing to stop here
+    runs = list((ws / "outputs").glob("*/export"))
+    assert len(runs) == 1
+
+    r = fab(env, "status")
+    assert "step 4/4" in r.stdout
+    r = fab(env, "logs", "--lines", "5")
+    assert "[train: done, exit 0]" in r.stdout
+
+    home = tmp_path / "home"
+    r = fab(env, "fetch", "--dest", str(home))
+    run_id = runs[0].parent.name
+    assert (home / run_id / "export").is_dir() and (home / run_id / "loss_curve.png").is_file()
+
+    image = ws / "data" / "output" / "renders" / "obj00" / "rgba" / "000.png"
+    out = tmp_path / "refined.glb"
+    r = fab(env, "infer", "--tiny", "--image", str(image), "--mesh", str(meshes / "ball.obj"), "--out", str(out),
+            timeout=600)
+    assert out.is_file() and out.stat().st_size > 1000, r.stdout + r.stderr
+
+    r = fab(env, "teardown")
+    assert "nothing is billed" in r.stdout

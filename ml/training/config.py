@@ -93,7 +93,10 @@ class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2  # ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters sharded
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stage >= 1; the A40 switch)
     offload_param: bool = False  # ZeRO-Infinity parameter offload to CPU (stage 3 only)
-    bf16: bool = True  # bf16 weights/activations with fp32 master weights; false on CPU
+    precision: Literal["bf16", "autocast", "fp32"] = "autocast"
+    # ^ bf16: DeepSpeed keeps bf16 weights and fp32 master copies inside its ZeRO optimizer;
+    #   autocast: fp32 weights, bf16 matmuls through torch.autocast (the official Lightning "bf16-mixed"); the
+    #   optimizer is a plain fused AdamW over fp32 tensors (faster on one GPU, see README); fp32: CPU runs
     dist_backend: Optional[str] = None  # None: nccl with CUDA, gloo without
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
     reduce_bucket_size: int = 200_000_000  # elements per gradient reduction bucket
@@ -139,4 +142,4 @@ class TrainConfig:
 
 # Keys that fix what a checkpoint *is*; a resumed run must not change them. Everything else (max_steps,
 # logging, checkpoint cadence, workers) may change on resume, as nanoGPT lets run settings change.
-FROZEN_ON_RESUME = ("model.arch", "model.lora", "data.pc_size", "data.sharpedge_label", "deepspeed.zero_stage", "deepspeed.bf16")
+FROZEN_ON_RESUME = ("model.arch", "model.lora", "data.pc_size", "data.sharpedge_label", "deepspeed.zero_stage", "deepspeed.precision")

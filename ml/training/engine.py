@@ -63,16 +63,22 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
         "gradient_clipping": o.grad_clip,
-        "bf16": {"enabled": d.bf16},
+        "bf16": {"enabled": d.precision == "bf16"},
         "zero_optimization": zero,
         # Our AdamW is torch's (fused on CUDA); DeepSpeed calls it "untested" but drives it like its own.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if d.bf16:
+    if d.precision == "bf16" and d.zero_stage >= 1:
         # Accumulate gradients in fp32 across micro-batches: with grad_accum > 1, bf16 accumulation loses bits.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if d.precision == "bf16" and d.zero_stage == 0:
+        raise ValueError("deepspeed.precision: bf16 needs zero_stage >= 1 (its fp32 master weights live in the ZeRO "
+                         "optimizer); use precision: autocast with zero_stage: 0")
+    if d.precision == "autocast":
+        # fp32 weights and gradients; matmuls in bf16. Gradients of Linear layers travel in bf16 between ranks.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if d.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's CPU Adam (a compiled op); DeepSpeed builds it from this entry.
         ds["optimizer"] = {

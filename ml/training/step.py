@@ -31,7 +31,7 @@ class TrainModels:
         self.cfg = cfg
         self.device = device
         self.dit = models.dit
-        enc_dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        enc_dtype = torch.float32 if cfg.deepspeed.precision == "fp32" else torch.bfloat16
         self.vae = models.vae.to(device, enc_dtype).eval().requires_grad_(False)
         self.conditioner = models.conditioner.to(device, enc_dtype).eval().requires_grad_(False)
         self.cache_dir = cache_dir

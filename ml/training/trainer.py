@@ -142,6 +142,7 @@ class Trainer:
         self.micro = 0  # global micro-batches drawn (data position)
         self.broken: list[dict] = []
         self.broken_total = 0.0
+        self.samples_seen = 0  # training samples of all optimizer steps so far (over resumes and world sizes)
         self.elapsed = 0.0  # training seconds before this process (for the ETA and samples/s over resumes)
         if self.resume_dir is not None:
             client = ckpt.load(self.engine, self.resume_dir, self.rank, self.world, universal)
@@ -149,6 +150,7 @@ class Trainer:
             self.micro = self.order.convert(int(client["micro_step"]), int(client["world_size"]))
             self.broken_total = float(client.get("broken_samples", 0))
             self.elapsed = float(client.get("elapsed_s", 0.0))
+            self.samples_seen = int(client.get("samples_seen", 0))
             if self.engine.global_steps != self.step:
                 raise ckpt.ResumeError(f"{self.resume_dir}: DeepSpeed step {self.engine.global_steps} != trainer step {self.step}")
             log.info("resumed %s at step %d (data position %d, epoch %d)", self.resume_dir, self.step, self.micro,
@@ -205,6 +207,7 @@ class Trainer:
                 if tokens_per_sample is None:
                     tokens_per_sample = self.models.last_tokens
             self.step += 1
+            self.samples_seen += samples_per_step
             if eng.global_steps != self.step:
                 raise RuntimeError(f"DeepSpeed made {eng.global_steps} optimizer steps, expected {self.step}: "
                                    "accumulation boundary out of sync")
@@ -301,7 +304,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "micro_step": self.micro, "world_size": self.world,
-                 "samples_seen": self.step * self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.world,
+                 "samples_seen": self.samples_seen,
                  "broken_samples": self.broken_total, "elapsed_s": self.elapsed, "run_id": self.cfg.run.run_id,
                  "time": time.time()}
         p = ckpt.save(self.engine, self.run_dir / "checkpoints", self.step, state, self.cfg.train.keep_checkpoints, self.rank)

@@ -64,6 +64,8 @@ class RefineSettings:
     num_chunks: int = 200000  # query points per geometry-decoder call
     dtype: str = "bfloat16"  # weights/activations on CUDA: bfloat16 | float16 | float32 (CPU always float32)
     batched_cfg: bool = True  # one DiT call per step for conditional + unconditional
+    guidance_until: float = 1.0  # CFG only while t < this (speed-up that changes results; 1.0 = official)
+    compile: bool = False  # torch.compile the DiT's q/k-norm + RoPE (CUDA only; ~30 s first call)
 
     def __post_init__(self):
         if self.steps < 2:
@@ -226,7 +228,10 @@ class RefinePipeline:
         models.to(self.device, self.dtype)
         for m in models.parts().values():
             m.eval().requires_grad_(False)
+        if config.refine.compile and self.device.type == "cuda":
+            models.dit.compile_kernels()
         self.timings: dict[str, float] = {}
+        self.last: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | os.PathLike, config_path: str | os.PathLike,
@@ -304,7 +309,7 @@ class RefinePipeline:
         K = voxel_idx.shape[1]
         noise = torch.randn((1, K, vcfg.embed_dim), generator=gen).to(self.device)
         z = sample_euler(velocity, noise, steps=steps, guidance=guidance, batched_cfg=s.batched_cfg,
-                         progress=progress)
+                         progress=progress, guidance_until=s.guidance_until)
         self._sync()
         t3 = time.perf_counter()
         tokens = m.vae.decode(z.to(self.dtype))
@@ -317,8 +322,11 @@ class RefinePipeline:
                                f"shape). With real weights this means the inputs are far off what it was "
                                f"trained on; check that the image shows the same object as the mesh")
         verts = v.double().cpu().numpy() / factor + centre  # back to the input mesh's frame
-        out = trimesh.Trimesh(verts, f.cpu().numpy(), process=True)
+        # marching cubes already shares vertices between cells: no merge pass needed
+        out = trimesh.Trimesh(verts, f.cpu().numpy(), process=False)
         t5 = time.perf_counter()
+        # what went into the sampler, for benchmarks and debugging (a few MB)
+        self.last = {"noise": noise, "voxel_idx": voxel_idx, "cond": cond, "cond_mask": cond_mask, "latents": z}
         self.timings = {"inputs_s": t1 - t0, "condition_s": t2 - t1, "sampling_s": t3 - t2,
                         "decode_s": t4 - t3, "export_s": t5 - t4, "total_s": t5 - t0, "tokens": K}
         return out

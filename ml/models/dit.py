@@ -98,6 +98,12 @@ def rope_3d(voxel_idx: torch.Tensor, head_dim: int, theta: float = 10000.0) -> t
     return a.cos(), a.sin()
 
 
+def _norm_rope(q, k, cos, sin, q_norm: nn.Module, k_norm: nn.Module):
+    """RMS q/k norm then RoPE: the elementwise work between the qkv matmul and attention
+    (what torch.compile fuses into one pass when RefineDiT.compile_kernels() is on)."""
+    return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, qk_norm: bool):
         super().__init__()
@@ -109,6 +115,7 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.out_proj = nn.Linear(dim, dim)
+        self.norm_rope = _norm_rope  # swapped for a compiled version by RefineDiT.compile_kernels()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -116,8 +123,7 @@ class SelfAttention(nn.Module):
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
         b = None if self.to_q.bias is None else torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
         q, k, v = _interleaved_heads(list(F.linear(x, w, b).split(C, dim=-1)), self.num_heads)  # (B, H, T, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.norm_rope(q, k, cos, sin, self.q_norm, self.k_norm)
         y = F.scaled_dot_product_attention(q, k, v)  # flash / efficient kernel on GPU
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -343,6 +349,16 @@ class RefineDiT(nn.Module):
             if i < half:
                 skips.append(h)
         return self.final_layer(h)
+
+    def compile_kernels(self) -> "RefineDiT":
+        """torch.compile the per-block elementwise work (q/k RMS norm + RoPE) into fused kernels.
+
+        Same math (float32 RoPE as in eager); saves several memory passes over q and k per block at
+        32k tokens. The matmuls and attention already run in cuBLAS / flash kernels."""
+        fused = torch.compile(_norm_rope, dynamic=False)
+        for b in self.blocks:
+            b.attn1.norm_rope = fused
+        return self
 
     def moe_aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE load-balancing losses of the last training forward (detached, for logging).

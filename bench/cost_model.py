@@ -1,7 +1,7 @@
 """Print the cost model: the seed plan's $260 against the kit's choices, one at a time.
 
     python bench/cost_model.py
-    python bench/cost_model.py --set workload.project_months=1.0 --set kit.autostop_idle_minutes=30
+    python bench/cost_model.py --set workload.project_months=1.0 --set workload.unattended_idle_hours=12
     python bench/cost_model.py --brief
 
 All figures come from configs/cost.yaml (every assumption commented there); nothing talks to RunPod.
@@ -27,7 +27,10 @@ def main(argv=None) -> int:
     ap.add_argument("--brief", action="store_true", help="totals only, no per-line breakdown")
     args = ap.parse_args(argv)
     cfg = load_cost_config(args.config, parse_overrides(args.set))
-    print(format_cost_table(cfg, detail=not args.brief))
+    try:
+        print(format_cost_table(cfg, detail=not args.brief))
+    except BrokenPipeError:  # `| head`
+        pass
     return 0
 
 

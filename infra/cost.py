@@ -106,8 +106,7 @@ class Workload:
 @dataclass
 class KitChoices:
     cpu_pod_vcpus: int = 32  # the CPU pod that uploads and processes
-    autostop_idle_minutes: float = 10.0  # watchdog: idle minutes before it stops the pod
-    autostop_stop_minutes: float = 2.0  # watchdog poll + flush + the stop call itself
+    autostop_stop_minutes: float = 2.0  # job end -> pod EXITED: a watchdog poll + the checkpoint flush + the stop call
 
 
 @dataclass
@@ -176,7 +175,8 @@ def plan_cost(cfg: CostModelConfig, sc: Scenario) -> list[CostLine]:
 
     def idle_hours(job_ends: int) -> float:
         if sc.autostop:
-            return job_ends * (k.autostop_idle_minutes + k.autostop_stop_minutes) / 60.0
+            # The watchdog stops the pod at the job's end, not after the idle window (that is for hung jobs).
+            return job_ends * k.autostop_stop_minutes / 60.0
         return job_ends * w.unattended_idle_hours
 
     uploaded = 0  # with one shared volume, meshes already uploaded/processed by an earlier run are reused
@@ -385,7 +385,7 @@ def estimate_run(
                else volume_gb * cfg.prices.pod_volume_stopped_usd_per_gb_month)
     vcpus = cfg.prices.gpu_pod_vcpus.get(gpu, 8)
     process_h = process_meshes * cfg.workload.kit_processing_cpu_s_per_mesh / vcpus / 3600.0
-    overhead = cfg.workload.setup_reused_hours + (cfg.kit.autostop_idle_minutes + cfg.kit.autostop_stop_minutes) / 60.0
+    overhead = cfg.workload.setup_reused_hours + cfg.kit.autostop_stop_minutes / 60.0
     return Estimate(
         gpu=gpu, gpu_count=gpu_count, gpu_usd_per_hour=per_gpu * gpu_count, price_source=price_source,
         meshes=meshes, steps=steps, samples_per_step=samples_per_step, step_time_s=step_time_s,

@@ -30,6 +30,24 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _inference_worker_pids(main_pid: int) -> list[int]:
+    """LitServe's inference workers: children of the main process started by multiprocessing spawn."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == main_pid and b"spawn_main" in cmd:
+            pids.append(int(d))
+    return pids
+
+
 def _group_gone(pgid: int, within_s: float = 15.0) -> bool:
     # Children killed with the group are reaped by init a moment later; until then they still count.
     t_end = time.monotonic() + within_s
@@ -39,7 +57,7 @@ def _group_gone(pgid: int, within_s: float = 15.0) -> bool:
 
 
 @pytest.mark.slow  # two server starts (~10 s each on 2 busy cores) and 50 requests; essential, kept in CI
-def test_server_process_generated_key_and_50_concurrent_requests(
+def test_server_process_key_concurrency_worker_restart_and_shutdown(
     tiny_model, repo_root, tmp_path, free_port, view_png, coarse_glb
 ):
     ckpt, config = tiny_model
@@ -100,14 +118,34 @@ def test_server_process_generated_key_and_50_concurrent_requests(
         if pgid is not None:
             assert _group_gone(pgid), "server left processes behind"
 
-    # Second start with the same key file: the key is reused and no longer printed. Then SIGTERM to
-    # the main process alone (as `docker stop` or fab would send) must take its children along.
+    # Second start with the same key file: the key is reused and no longer printed. A killed worker is
+    # restarted. Then SIGTERM to the main process alone (as `docker stop` or fab would send) must take
+    # its children along.
     srv2 = ServerProcess(args, env=env, cwd=repo_root, start_timeout_s=240)
     try:
         srv2.start()
         out2 = srv2.output()
         assert key not in out2 and re.search(r"API key from .*api_key \(sha256 [0-9a-f]{12}", out2), out2
-        assert RefineClient(srv2.url, key).health()["model_loaded"]
+        client = RefineClient(srv2.url, key, timeout_s=300)
+        assert client.health()["model_loaded"]
+
+        # A worker that dies (segfault, OOM kill) is started again and the server goes on serving.
+        workers = _inference_worker_pids(srv2.proc.pid)
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        t_end = time.monotonic() + 120
+        saw_restart = False
+        while time.monotonic() < t_end:
+            h = client.health()
+            saw_restart |= not h["model_loaded"]
+            new = _inference_worker_pids(srv2.proc.pid)
+            if saw_restart and h["model_loaded"] and new and new != workers:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"worker not restarted: {client.health()}\n{srv2.output()}")
+        assert client.infer(view_png, coarse_glb)[:4] == b"glTF"
+
         pgid = os.getpgid(srv2.proc.pid)
         os.kill(srv2.proc.pid, signal.SIGTERM)
         rc = srv2.proc.wait(timeout=60)

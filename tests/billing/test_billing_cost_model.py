@@ -147,3 +147,15 @@ def test_measured_step_time_from_metrics(tmp_path):
                  + "\n" + json.dumps({"kind": "val", "step": 40, "time": 900.0}))  # a val line: not a step
     assert measured_step_time(q) == pytest.approx(0.25)
     assert measured_step_time(tmp_path / "absent.jsonl") is None
+
+
+def test_readme_table_matches_the_model(cfg, repo_root):
+    """The README quotes the model's figures; a change to configs/cost.yaml must come with the README's."""
+    text = (repo_root / "README.md").read_text()
+    section = text[text.index("<!-- section:billing -->"):text.index("<!-- /section:billing -->")]
+    prev = None
+    for sc, lines, usd in cost_table(cfg):
+        assert f"${usd:.2f}" in section, f"README billing table lacks {sc.name}: ${usd:.2f} (run bench/cost_model.py)"
+        if prev is not None:
+            assert f"−{prev - usd:.2f}" in section, f"README lacks the change for {sc.name}"
+        prev = usd

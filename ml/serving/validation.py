@@ -260,6 +260,15 @@ def _first_token(text: str) -> str:
 
 def decode_image(data: bytes, limits: LimitsConfig):
     """Bytes -> a loaded PIL image (RGB or RGBA); corrupt, truncated or out-of-bounds -> 4xx."""
+    try:
+        return _decode_image(data, limits)
+    except RequestError:
+        raise
+    except Exception as e:  # a decoder path not foreseen below: still the upload's fault, not a 500
+        raise RequestError(422, "corrupt_image", f"'image' cannot be decoded ({type(e).__name__}: {e})", IMAGE_FIELD)
+
+
+def _decode_image(data: bytes, limits: LimitsConfig):
     from PIL import Image
 
     fmt = sniff_image(data)
@@ -292,13 +301,28 @@ def decode_image(data: bytes, limits: LimitsConfig):
         )
     if img.mode not in ("RGB", "RGBA"):
         # Palette, greyscale and 16-bit images become RGB(A) here, where the error, if any, is ours.
-        has_alpha = img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-        img = img.convert("RGBA" if has_alpha else "RGB")
+        has_alpha = img.mode in ("LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+        try:
+            img = img.convert("RGBA" if has_alpha else "RGB")
+        except Exception as e:  # a pixel mode PIL cannot map to RGB
+            raise RequestError(
+                422, "unsupported_image_mode", f"'image' has pixel mode {img.mode}, which cannot be read as RGB(A): {e}",
+                IMAGE_FIELD,
+            )
     return img
 
 
 def decode_mesh(data: bytes, limits: LimitsConfig):
     """Bytes -> one trimesh.Trimesh in the file's own frame (scene transforms applied); else 4xx."""
+    try:
+        return _decode_mesh(data, limits)
+    except RequestError:
+        raise
+    except Exception as e:  # e.g. a scene graph trimesh loads but cannot flatten: the upload's fault
+        raise RequestError(422, "corrupt_mesh", f"'coarse_mesh' cannot be used ({type(e).__name__}: {e})", MESH_FIELD)
+
+
+def _decode_mesh(data: bytes, limits: LimitsConfig):
     import numpy as np
     import trimesh
 

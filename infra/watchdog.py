@@ -36,12 +36,14 @@ import argparse
 import datetime as dt
 import errno
 import fnmatch
+import hashlib
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +51,6 @@ from typing import Callable, Optional
 
 STATE_FILE = "watchdog.json"
 LOG_FILE = "watchdog.log"
-LOCK_FILE = "watchdog.lock"
 EXIT_FILE = "exit_code"
 # Temp names our writers use before the atomic rename: ml/training/checkpoint.py writes `.tmp-step_NNNNNNN/`
 # and `.latest.tmp<pid>`, logs.py `.loss_curve.png.tmp.png`; others `x.tmp`, `x.partial`.
@@ -452,7 +453,9 @@ class Watchdog:
         if status in ("EXITED", "TERMINATED"):
             return Decision(True, "already-stopped", f"pod is {status} (stopped by someone else)")
         obs = self.observe()
-        if obs.exit_code is not None and self.st.job_ended_at is None:
+        if obs.exit_code is None:
+            self.st.job_ended_at = None  # a new run of the job removed the last exit_code
+        elif self.st.job_ended_at is None:
             self.st.job_ended_at = obs.now
         update_idle(self.s, self.st, obs)
         d = decide(self.s, self.st, obs)
@@ -593,7 +596,7 @@ def interrupt_tmux_job(job_dir: Path) -> bool:
 def supervise(argv: list[str], s: Settings, *, max_restarts: int = 5, restart_window_s: float = 600.0,
               client_factory=None) -> int:
     """Run the worker (`--worker` + the same arguments) and restart it when it dies unexpectedly."""
-    lock = _try_lock(s.job_dir / LOCK_FILE)
+    lock = _try_lock(lock_path(s.job_dir))
     if lock is None:
         print(f"[watchdog] {s.job_dir} is already watched by another supervisor; nothing to do", file=sys.stderr)
         return 0
@@ -652,7 +655,17 @@ def _write_supervisor_pid(job_dir: Path, pid: int) -> None:
     atomic_write(Path(job_dir) / "watchdog.supervisor.pid", f"{pid}\n")
 
 
+def lock_path(job_dir: Path, role: str = "supervisor") -> Path:
+    """Where the one-watchdog-per-job lock lives: container-local temp, not the volume. A network volume may
+    not support flock, or may keep a dead container's lock for a while, and a watchdog that refuses to start
+    because of a ghost would leave the pod unwatched. The container's temp dies with the container."""
+    key = hashlib.sha1(str(Path(job_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"ultrashape-watchdog-{key}.{role}.lock"
+
+
 def _try_lock(path: Path):
+    """The lock's open file (keep it referenced), None when another process holds it, or True when this
+    filesystem has no flock (then we run unlocked: a second watchdog is harmless, a missing one is not)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -663,7 +676,8 @@ def _try_lock(path: Path):
         f.close()
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             return None
-        raise
+        print(f"[watchdog] cannot lock {path} ({e}); running without the single-instance lock", file=sys.stderr)
+        return True
     return f  # keep the file object alive: the lock lives as long as it does
 
 
@@ -855,7 +869,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         i = passthrough.index("--session")
         del passthrough[i:i + 2]
     if args.worker or args.no_supervisor:
-        lock = _try_lock(s.job_dir / (LOCK_FILE + ".worker"))
+        lock = _try_lock(lock_path(s.job_dir, "worker"))
         if lock is None:
             return EX_LOCKED
         wd = Watchdog(s, _make_client(), session=args.session)

@@ -330,3 +330,32 @@ def test_budget_stop_interrupts_a_running_tmux_job_which_checkpoints_first(froze
         assert wd.read_exit_code(job_dir) == 130
     finally:
         jobs.stop(t, "train")
+
+
+def test_linger_then_a_new_run_gets_its_own_linger(frozen_pod, tmp_path, bounded_sleep):
+    """`fab train` following: the pod lingers 10 min after the job for a fetch; a second run started inside the
+    linger (its start removes exit_code) is watched as a new run and lingers again after its own end."""
+    emu, client, pod = frozen_pod
+    job_dir = tmp_path / "j"
+    job_dir.mkdir()
+    t0 = emu.clock.now()
+    timeline = {5 * 60: "end", 10 * 60: "restart", 60 * 60: "end"}
+    done = set()
+
+    def probe():
+        t = emu.clock.now() - t0
+        for at, what in timeline.items():
+            if t >= at and at not in done:
+                done.add(at)
+                if what == "end":
+                    wd.atomic_write(job_dir / "exit_code", "0\n")
+                else:
+                    (job_dir / "exit_code").unlink()
+        return [90]
+
+    s = wd.Settings(job_dir=job_dir, pod_id=pod.id, idle_minutes=0, max_runtime_hours=0, poll_s=30, linger_s=600)
+    w = wd.Watchdog(s, client, clock=emu.clock.now, sleep=bounded_sleep(emu), gpu_probe=probe, echo=lambda _: None)
+    assert w.run() == "job-ended"
+    stopped = [e for e in events(job_dir) if e["event"] == "stopped"][0]["t"] - t0
+    assert 70 * 60 <= stopped <= 70 * 60 + 31
+    assert any(e.get("decision") == "lingering" for e in events(job_dir) if e["event"] == "check")

@@ -226,3 +226,23 @@ def test_state_survives_a_round_trip(tmp_path):
     assert back == st
     (tmp_path / "bad.json").write_text("{not json")
     assert wd.State.load(tmp_path / "bad.json") is None
+
+
+def test_lock_lives_in_container_temp_and_is_exclusive(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "podtmp"))
+    p = wd.lock_path(tmp_path / "jobs" / "train")
+    assert p.parent == tmp_path / "podtmp" and p.name.endswith(".supervisor.lock")
+    assert wd.lock_path(tmp_path / "jobs" / "other") != p
+    first = wd._try_lock(p)
+    assert first not in (None, True)
+    import subprocess
+    import sys
+
+    # another process cannot take it while we hold it
+    code = f"import sys; sys.path.insert(0, {str(wd.Path(wd.__file__).parents[1])!r}); from infra import watchdog as w; " \
+           f"print(w._try_lock(w.Path({str(p)!r})) is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    assert out == "True"
+    first.close()

@@ -131,6 +131,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="timed DiT steps per variant (after 2 warm-ups)")
     ap.add_argument("--budget-s", type=float, default=200, help="skip optional parts past this wall time")
     ap.add_argument("--variants", default="16,10,16@0.5", help="steps[@guidance_until] list for part 3")
+    ap.add_argument("--logit-slope", type=float, default=200.0,
+                    help="occupancy logit per unit of signed distance of the stand-in shape (sets the band width)")
+    ap.add_argument("--ckpt", default=None, help="real weights (ultrashape_v1.pt): then the real occupancy field is "
+                    "decoded (no stand-in shape) and part 3's Chamfer / F-score measure real quality")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -147,6 +151,10 @@ def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     models = build_models(cfg.model, device=dev)
+    if args.ckpt:
+        from ml.models import load_checkpoint
+
+        load_checkpoint(models, args.ckpt)
     models.to(dtype=dtype)
     for m in models.parts().values():
         m.eval().requires_grad_(False)
@@ -215,26 +223,28 @@ def main() -> None:
     cfg.refine.octree_resolution = args.octree
     pipe = RefinePipeline(models, cfg, dev)
     vae = models.vae
-    raw_query = vae.query
+    raw_query = vae.geo_decoder.query_cached
 
     from ml.refine import normalization
 
     centre, factor = normalization(mesh, cfg.refine.normalize_scale)
     centre_t = torch.tensor(centre, device=dev, dtype=torch.float32)
 
-    def real_shape_query(tokens, points):
+    def real_shape_query(points, k, v, topk=None):
         # full random decoder cost at every query, plus the input shape's occupancy (see module doc):
         # model frame -> input frame -> the shape's own frame (shape_mesh scales by 37, moves by MOVE)
         p_shape = (points.float() / factor + centre_t - MOVE.to(dev)) / 37.0
-        return raw_query(tokens, points) * 0.01 + (-shape_sdf(p_shape) * 50.0).to(tokens.dtype)
+        return raw_query(points, k, v, topk) * 0.01 + (-shape_sdf(p_shape) * args.logit_slope).to(k.dtype)
 
-    vae.query = real_shape_query
+    if not args.ckpt:
+        vae.geo_decoder.query_cached = real_shape_query
     e2e = {}
     with best_ctx():
         out = pipe(im, mesh, steps=args.steps, guidance=cfg.refine.guidance, octree_resolution=args.octree, seed=42)
     e2e["plain"] = dict(pipe.timings)
     e2e["plain"].update(faces=len(out.faces), watertight=bool(out.is_watertight))
-    vae.query = raw_query
+    if not args.ckpt:
+        del vae.geo_decoder.query_cached  # back to the real method
     log(f"end to end [plain bf16, {args.steps} steps, octree {args.octree}]: {json.dumps(e2e['plain'])}")
     # the mesh comes back in the input frame, around the input
     res["e2e_bbox_err"] = float(np.abs(out.bounds - mesh.bounds).max() / np.ptp(mesh.bounds, axis=0).max())
@@ -270,7 +280,8 @@ def main() -> None:
 
         def mesh_pts(z):
             tokens = vae.decode(z.to(dtype))
-            v, f = vae.to_mesh(tokens, octree_resolution=128 if not args.tiny else 32, bounds=1.0)
+            res_cmp = 32 if args.tiny else (args.octree if args.ckpt else 128)
+            v, f = vae.to_mesh(tokens, octree_resolution=res_cmp, bounds=1.0, flashvdm=cfg.refine.flashvdm)
             return sample_points(v.float(), f, 50_000, torch.Generator().manual_seed(0))
 
         z_ref, t_ref = last["latents"], e2e["plain"]["sampling_s"]

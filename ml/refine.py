@@ -66,6 +66,7 @@ class RefineSettings:
     batched_cfg: bool = True  # one DiT call per step for conditional + unconditional
     guidance_until: float = 1.0  # CFG only while t < this (speed-up that changes results; 1.0 = official)
     compile: bool = False  # torch.compile the DiT's q/k-norm + RoPE (CUDA only; ~30 s first call)
+    flashvdm: bool = True  # official default: decode attending to the top third of latent tokens per chunk
 
     def __post_init__(self):
         if self.steps < 2:
@@ -313,8 +314,10 @@ class RefinePipeline:
         self._sync()
         t3 = time.perf_counter()
         tokens = m.vae.decode(z.to(self.dtype))
+        counts: list = []
         v, f = m.vae.to_mesh(tokens, octree_resolution=res, bounds=s.bounds, level=s.mc_level,
-                             num_chunks=s.num_chunks, min_resolution=s.min_resolution, progress=progress)
+                             num_chunks=s.num_chunks, min_resolution=s.min_resolution, progress=progress,
+                             flashvdm=s.flashvdm, query_counts=counts)
         self._sync()
         t4 = time.perf_counter()
         if f.shape[0] == 0:
@@ -328,7 +331,8 @@ class RefinePipeline:
         # what went into the sampler, for benchmarks and debugging (a few MB)
         self.last = {"noise": noise, "voxel_idx": voxel_idx, "cond": cond, "cond_mask": cond_mask, "latents": z}
         self.timings = {"inputs_s": t1 - t0, "condition_s": t2 - t1, "sampling_s": t3 - t2,
-                        "decode_s": t4 - t3, "export_s": t5 - t4, "total_s": t5 - t0, "tokens": K}
+                        "decode_s": t4 - t3, "export_s": t5 - t4, "total_s": t5 - t0, "tokens": K,
+                        "queries": sum(n for _, n in counts)}
         return out
 
 

@@ -134,22 +134,32 @@ def decode_volume(
     num_chunks: int = 100_000,
     min_resolution: int = 63,
     progress: bool = False,
+    query_counts: list | None = None,
 ) -> torch.Tensor:
     """Logit grid (R+1)^3 on [-bounds, bounds]^3, coarse to fine.
 
-    query_fn maps points (n, 3) float32 to logits (n,). Returns a complete float32 grid (no NaN).
+    query_fn maps points (n, 3) float32 to logits (n,); it gets spatially compact chunks of at most
+    num_chunks points. Returns a complete float32 grid (no NaN). query_counts, if given, receives
+    (resolution, points queried) per level.
     """
     from tqdm.auto import tqdm
 
     resolutions = octree_resolutions(octree_resolution, min_resolution)
     dev = torch.device(device)
+    stats = query_counts if query_counts is not None else []
 
     def run(points: torch.Tensor) -> torch.Tensor:
-        out = []
+        # visit the points cell by cell (16^3 cells over the box), so that every chunk is spatially
+        # compact: a query_fn that picks the latent tokens relevant to a chunk (FlashVDM) needs that
+        cell = ((points + bounds) / (2 * bounds) * 16).long().clamp(0, 15)
+        order = torch.argsort((cell[:, 0] * 16 + cell[:, 1]) * 16 + cell[:, 2])
+        out = torch.empty(points.shape[0], device=dev)
         for s in tqdm(range(0, points.shape[0], num_chunks), disable=not progress, leave=False,
                       desc=f"volume r{r}"):
-            out.append(query_fn(points[s:s + num_chunks]).float())
-        return torch.cat(out) if out else torch.zeros(0, device=dev)
+            idx = order[s:s + num_chunks]
+            out[idx] = query_fn(points[idx]).float()
+        stats.append((r, int(points.shape[0])))
+        return out
 
     grid = None
     for li, r in enumerate(resolutions):

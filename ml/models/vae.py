@@ -202,6 +202,38 @@ class GeoDecoder(nn.Module):
         q = self.query_proj(self.fourier(points).to(tokens.dtype))
         return self.output_proj(self.ln_post(self.cross_attn_decoder(q, tokens))).squeeze(-1)
 
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's normed keys and values for tokens (1, N, W): (1, H, N, hd) each.
+        They do not depend on the queries, so volume decoding computes them once per shape."""
+        blk = self.cross_attn_decoder
+        a = blk.attn
+        H = a.attention.heads
+        kv = a.c_kv(blk.ln_2(tokens)).view(tokens.shape[0], tokens.shape[1], H, -1)
+        k, v = [t.transpose(1, 2) for t in kv.chunk(2, dim=-1)]
+        return a.attention.k_norm(k), v
+
+    def query_cached(self, points: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     topk: int | None = None, stride: int = 50) -> torch.Tensor:
+        """Logits (n,) at points (n, 3), same math as forward() with precomputed keys/values.
+
+        topk: FlashVDM's adaptive KV selection, the official inference default: each head attends
+        only to the `topk` tokens with the highest mean similarity to (every stride-th of) these
+        queries. Changes the numbers slightly; call with spatially compact chunks of points."""
+        blk = self.cross_attn_decoder
+        a = blk.attn
+        x = self.query_proj(self.fourier(points[None]).to(k.dtype))  # (1, n, W)
+        B, n, W = x.shape
+        H = a.attention.heads
+        q = a.attention.q_norm(a.c_q(blk.ln_1(x)).view(B, n, H, -1).transpose(1, 2))  # (1, H, n, hd)
+        if topk is not None and topk < k.shape[2]:
+            sim = (q[:, :, ::stride] @ k.transpose(-1, -2)).mean(dim=-2)  # (1, H, N)
+            idx = sim.topk(topk, dim=-1).indices.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
+            k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, W)
+        x = x + a.c_proj(y)
+        x = x + blk.mlp(blk.ln_3(x))
+        return self.output_proj(self.ln_post(x)).reshape(n)
+
 
 def voxelize(points: torch.Tensor, max_tokens: int, resolution: int, generator: torch.Generator | None = None):
     """Occupied voxels of points (B, P, 3) in [-1, 1]: up to max_tokens per shape, random order.
@@ -282,19 +314,25 @@ class ShapeVAE(nn.Module):
     @torch.no_grad()
     def to_mesh(self, tokens: torch.Tensor, octree_resolution: int = 1024, bounds: float = 1.0,
                 level: float = 0.0, num_chunks: int = 100_000, min_resolution: int = 63,
-                progress: bool = False):
+                progress: bool = False, flashvdm: bool = False, query_counts: list | None = None):
         """Decoded tokens (1, K, width) -> (vertices (V, 3) float32 in [-bounds, bounds]^3, faces (F, 3)).
 
-        Faces are oriented outward (positive volume)."""
+        Faces are oriented outward (positive volume). flashvdm=True attends to the top third of
+        the tokens per chunk of query points (the official inference default, ~2x faster decoding,
+        slightly different numbers); False attends to all of them (exact)."""
         if tokens.shape[0] != 1:
             raise ValueError("to_mesh decodes one shape at a time; pass tokens[i:i+1]")
         dev = tokens.device
+        k, v = self.geo_decoder.keys_values(tokens)
+        N = k.shape[2]
+        # the official FlashVDM processor's choice of how many tokens to keep
+        topk = (1024 if N == 3072 else 256 if N == 512 else N // 3) if flashvdm else None
 
         def fn(p):
-            return self.query(tokens, p.to(dev)[None])[0]
+            return self.geo_decoder.query_cached(p.to(dev), k, v, topk)
 
         grid = decode_volume(fn, bounds, octree_resolution, device=dev, level=level, num_chunks=num_chunks,
-                             min_resolution=min_resolution, progress=progress)
+                             min_resolution=min_resolution, progress=progress, query_counts=query_counts)
         v, f = marching_cubes(grid, level)
         v = v * (2.0 * bounds / octree_resolution) - bounds
         if f.shape[0]:

@@ -19,13 +19,10 @@ Only infra/runpod.py speaks HTTP; this module takes a client object and calls it
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 from ml.config import load_config
 
@@ -53,9 +50,8 @@ class Prices:
     pod_volume_stopped_usd_per_gb_month: float = 0.20  # ... and while it is stopped (RunPod doubles it)
     network_volume_usd_per_gb_month: float = 0.07  # network volume up to 1 TB
     network_volume_large_usd_per_gb_month: float = 0.05  # network volume over 1 TB (the whole volume)
-    network_volume_large_from_gb: float = 1000.0
-    container_disk_usd_per_gb_month: float = 0.10  # container disk, billed only while the pod runs
-    hours_per_month: float = 730.0
+    network_volume_large_from_gb: float = 1000.0  # where the lower rate starts
+    hours_per_month: float = 730.0  # storage is billed per hour at rate / 730
 
     def gpu(self, gpu: str) -> float:
         if gpu not in self.gpu_usd_per_hour:
@@ -486,9 +482,3 @@ def stack_spend(
         rep = client.network_volume_billing(network_volume_id=vid, start_time=start, end_time=until, bucket_size="day")
         spend.volume_usd[vid] = round(sum(r.total_amount for r in rep.records if (r.network_volume_id or vid) == vid), 6)
     return spend
-
-
-def hours_to_budget(budget_usd: float, spent_usd: float, usd_per_hour: float) -> float:
-    if usd_per_hour <= 0:
-        return math.inf
-    return max(0.0, (budget_usd - spent_usd) / usd_per_hour)

@@ -223,7 +223,7 @@ def sniff_mesh(data: bytes) -> str:
     text = _text_head(data)
     if text is not None:
         stripped = text.lstrip()
-        if stripped[:5].lower() == "solid" and "facet" in text:
+        if stripped[:5].lower() == "solid" and ("facet" in text or "endsolid" in text):
             return "stl"
         first = _first_token(text)
         if first in ("OFF", "COFF", "NOFF", "CNOFF", "STOFF") or (first.endswith("OFF") and len(first) <= 6):
@@ -335,7 +335,12 @@ def _decode_mesh(data: bytes, limits: LimitsConfig):
         loaded = trimesh.load(io.BytesIO(data), file_type=fmt, process=False)
     except Exception as e:  # trimesh loaders raise many types on a malformed file
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RequestError(422, "corrupt_mesh", f"'coarse_mesh' ({fmt}) cannot be parsed: {msg}", MESH_FIELD)
+        if fmt != "off":
+            raise RequestError(422, "corrupt_mesh", f"'coarse_mesh' ({fmt}) cannot be parsed: {msg}", MESH_FIELD)
+        # trimesh reads triangle-only OFF; CGAL and Geomview write quads and n-gons (6 of the 138 OFF
+        # files in our corpus). Those are read here in plain Python rather than through a native
+        # library that a hostile file could crash.
+        loaded = _load_polygon_off(data, limits)
 
     if isinstance(loaded, trimesh.Scene):
         geoms = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces)]
@@ -405,6 +410,60 @@ def _decode_mesh(data: bytes, limits: LimitsConfig):
             422, "degenerate_mesh", "'coarse_mesh' has zero surface area (every face is degenerate)", MESH_FIELD
         )
     return mesh
+
+
+def _load_polygon_off(data: bytes, limits: LimitsConfig):
+    """OFF with polygon faces (and optional per-vertex/per-face colours) -> Trimesh, fan-triangulated."""
+    import numpy as np
+    import trimesh
+
+    def bad(why: str) -> RequestError:
+        return RequestError(422, "corrupt_mesh", f"'coarse_mesh' (off) cannot be parsed: {why}", MESH_FIELD)
+
+    rows = []
+    for line in data.decode("latin-1").splitlines():
+        toks = line.split("#", 1)[0].split()
+        if toks:
+            rows.append(toks)
+    if not rows or not rows[0][0].endswith("OFF"):
+        raise bad("no OFF header")
+    head = rows[0][1:] or (rows[1] if len(rows) > 1 else [])
+    body = rows[1:] if rows[0][1:] else rows[2:]
+    try:
+        n_v, n_f = int(head[0]), int(head[1])
+    except (IndexError, ValueError):
+        raise bad("the counts line must read '<vertices> <faces> <edges>'") from None
+    if n_v > limits.max_mesh_vertices or n_f > limits.max_mesh_faces:
+        raise RequestError(
+            413, "mesh_too_large",
+            f"'coarse_mesh' declares {n_v} vertices and {n_f} faces; the limits are "
+            f"{limits.max_mesh_vertices} and {limits.max_mesh_faces}", MESH_FIELD,
+        )
+    if n_v < 0 or n_f < 0 or len(body) < n_v + n_f:
+        raise bad(f"declares {n_v} vertices and {n_f} faces but has {len(body)} data lines")
+    try:
+        verts = np.array([[float(t) for t in r[:3]] for r in body[:n_v]], dtype=np.float64)
+        tris = []
+        for r in body[n_v:n_v + n_f]:
+            k = int(r[0])
+            idx = [int(t) for t in r[1:1 + k]]
+            if k < 3 or len(idx) != k:
+                raise ValueError(f"face line {' '.join(r[:8])!r}")
+            tris.extend((idx[0], idx[j], idx[j + 1]) for j in range(1, k - 1))  # fan
+    except ValueError as e:
+        raise bad(f"malformed vertex or face line ({e})") from None
+    if verts.shape != (n_v, 3):
+        raise bad("a vertex line has fewer than 3 coordinates")
+    faces = np.array(tris, dtype=np.int64).reshape(-1, 3)
+    if len(faces) > limits.max_mesh_faces:
+        raise RequestError(
+            413, "mesh_too_large",
+            f"'coarse_mesh' has {len(faces)} triangles after splitting its polygons; the limit is "
+            f"{limits.max_mesh_faces}", MESH_FIELD,
+        )
+    if len(faces) and (faces.min() < 0 or faces.max() >= n_v):
+        raise RequestError(422, "invalid_mesh", "'coarse_mesh' has faces that index missing vertices", MESH_FIELD)
+    return trimesh.Trimesh(verts, faces, process=False)
 
 
 def _check_glb_header(data: bytes) -> None:

@@ -235,3 +235,30 @@ def test_decode_mesh_rejects_point_cloud_nan_overflow_and_huge():
     with pytest.raises(RequestError) as e:
         decode_mesh(glb(trimesh.creation.icosphere(2)), small_cap)
     assert e.value.status == 413 and e.value.code == "mesh_too_large"
+
+
+def test_polygon_off_is_fan_triangulated_and_colours_ignored():
+    # A cube written with quads and per-face colours (as CGAL/Geomview write), which trimesh refuses.
+    off = (
+        "# quads\nCOFF\n8 6 0\n"
+        "0 0 0 1 0 0\n1 0 0 1 0 0\n1 1 0 1 0 0\n0 1 0 1 0 0\n0 0 1 1 0 0\n1 0 1 1 0 0\n1 1 1 1 0 0\n0 1 1 1 0 0\n"
+        "4 0 3 2 1 0.9 0 0\n4 4 5 6 7\n4 0 1 5 4\n4 1 2 6 5\n4 2 3 7 6\n4 3 0 4 7\n"
+    ).encode()
+    m = decode_mesh(off, LIM)
+    assert len(m.faces) == 12 and m.is_watertight and abs(m.area - 6.0) < 1e-9
+    for bad, code in [
+        (b"OFF\n8 6 0\n0 0 0\n", "corrupt_mesh"),  # fewer lines than declared
+        (b"OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n4 0 1 2 9\n", "invalid_mesh"),  # index out of range
+    ]:
+        with pytest.raises(RequestError) as e:
+            decode_mesh(bad, LIM)
+        assert e.value.code == code, e.value.message
+    with pytest.raises(RequestError) as e:
+        decode_mesh(b"OFF\n9999999 1 0\n", LimitsConfig(max_mesh_vertices=1000, max_mesh_faces=1000))
+    assert e.value.status == 413
+
+
+def test_empty_ascii_stl_is_an_empty_mesh_not_an_unknown_format():
+    with pytest.raises(RequestError) as e:
+        decode_mesh(b"solid Empty\nendsolid Empty\n", LIM)
+    assert e.value.code == "empty_mesh"

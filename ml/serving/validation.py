@@ -201,7 +201,7 @@ def sniff_image(data: bytes) -> str:
 
 
 def _text_head(data: bytes, n: int = 65536) -> str | None:
-    head = data[:n]
+    head = data[:n].removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors); trimesh skips it too
     if b"\x00" in head:
         return None
     return head.decode("latin-1")

@@ -175,3 +175,15 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_model, free_port):
     with pytest.raises(RuntimeError, match="nope.pt: file not found"):
         srv.start()
     srv.stop()
+
+
+def test_unreadable_checkpoint_fails_the_start_with_the_reason(tmp_path, tiny_model, free_port):
+    _, config = tiny_model
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    srv = ServerProcess(["--ckpt", str(bad), "--config", str(config), "--port", str(free_port)],
+                        env={ENV_KEY: "k" * 32}, start_timeout_s=120)
+    with pytest.raises(RuntimeError, match="exited with 1") as e:
+        srv.start()
+    srv.stop()
+    assert "not a readable torch checkpoint" in str(e.value) and "workers failed to start" in str(e.value)

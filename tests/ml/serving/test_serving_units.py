@@ -149,6 +149,7 @@ def test_sniff_mesh_formats_by_content():
         data = data.encode() if isinstance(data, str) else data
         assert sniff_mesh(data) == ft, ft
     assert sniff_mesh(trimesh.exchange.stl.export_stl_ascii(box).encode()) == "stl"
+    assert sniff_mesh(b"\xef\xbb\xbf" + box.export(file_type="obj").encode()) == "obj"  # with a UTF-8 BOM
 
 
 @pytest.mark.parametrize(

@@ -139,6 +139,7 @@ class State:
     pod_uptime_s: float = 0.0
     pod_uptime_at: Optional[float] = None  # our clock when pod_uptime_s was read
     last_check: Optional[float] = None
+    heartbeat: Optional[float] = None  # wall-clock time of the worker's last sign of life (the supervisor reads it)
     last_decision: str = ""
     projected_usd: Optional[float] = None
     worker_pid: Optional[int] = None
@@ -316,7 +317,7 @@ class Watchdog:
         self.s = settings
         self.client = client
         self.clock = clock
-        self.sleep = sleep
+        self._sleep = sleep
         self.gpu_probe = gpu_probe or (lambda: nvidia_smi_probe(settings.gpu_probe_cmd))
         self.fs_clock = fs_clock  # file mtimes are real time whatever the test clock says
         self.sync = sync
@@ -349,6 +350,13 @@ class Watchdog:
         self.save()
 
     # ---- bookkeeping -----------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Every wait of every loop (watch, interrupt, flush, stop) beats the heart first: a worker whose
+        heartbeat stops (a hung sync or filesystem) is killed and restarted by its supervisor."""
+        self.st.heartbeat = time.time()
+        self.save()
+        self._sleep(seconds)
 
     def log(self, event: str, **fields) -> None:
         """Every decision goes to <job-dir>/watchdog.log (JSON lines) and to stderr (one readable line)."""
@@ -593,8 +601,17 @@ def interrupt_tmux_job(job_dir: Path) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def hang_limit(s: Settings, outcome: str, hang_s: Optional[float] = None) -> float:
+    """How long a worker may go without a heartbeat before it counts as hung. Stopping includes the job's
+    interrupt grace and the checkpoint flush, which beat only every few seconds but may legitimately be long."""
+    base = hang_s if hang_s is not None else max(10 * s.poll_s, 600.0)
+    if outcome == "stopping":
+        return base + s.interrupt_grace_s + s.flush_timeout_s
+    return base
+
+
 def supervise(argv: list[str], s: Settings, *, max_restarts: int = 5, restart_window_s: float = 600.0,
-              client_factory=None) -> int:
+              client_factory=None, hang_s: Optional[float] = None) -> int:
     """Run the worker (`--worker` + the same arguments) and restart it when it dies unexpectedly."""
     lock = _try_lock(lock_path(s.job_dir))
     if lock is None:
@@ -609,8 +626,24 @@ def supervise(argv: list[str], s: Settings, *, max_restarts: int = 5, restart_wi
         cmd = [sys.executable, "-m", "infra.watchdog", "--worker", "--session", session, *argv]
         # Own session: a kill aimed at the job's process group or tmux session does not reach the worker.
         proc = subprocess.Popen(cmd, start_new_session=True)
+        started = time.time()
         log("worker-started", worker_pid=proc.pid, supervisor_pid=me)
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait(timeout=min(s.poll_s, 30.0))
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            st = State.load(s.job_dir / STATE_FILE)
+            if st is None or st.session != session or st.worker_pid != proc.pid:
+                beat, outcome = started, "watching"  # not written yet: count from its start
+            else:
+                beat, outcome = (st.heartbeat or started), st.outcome
+            if time.time() - beat > hang_limit(s, outcome, hang_s):
+                log("worker-hung", worker_pid=proc.pid, silent_s=round(time.time() - beat, 1), outcome=outcome)
+                proc.kill()
+                rc = proc.wait()
+                break
         st = State.load(s.job_dir / STATE_FILE)
         if rc == 0 and st is not None and st.outcome == "stopped":
             log("worker-done", reason=st.reason)
@@ -793,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--daemon", action="store_true", help="detach (setsid), print the supervisor pid and return")
     ap.add_argument("--no-supervisor", action="store_true", help="run the worker alone (no restart on a crash)")
     ap.add_argument("--max-restarts", type=int, default=5, help="worker deaths in 10 min before the supervisor stops the pod")
+    ap.add_argument("--hang-seconds", type=float, default=None,
+                    help="a worker silent this long is hung: killed and restarted (default: max(10 polls, 600 s))")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--session", default="", help=argparse.SUPPRESS)
     return ap
@@ -878,7 +913,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.daemon:
         sys.stdout.flush()
         _daemonize(s.job_dir / "watchdog.out")
-    return supervise(passthrough, s, max_restarts=args.max_restarts)
+    return supervise(passthrough, s, max_restarts=args.max_restarts, hang_s=args.hang_seconds)
 
 
 if __name__ == "__main__":

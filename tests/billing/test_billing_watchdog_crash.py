@@ -143,6 +143,23 @@ def test_worker_crash_loop_makes_the_supervisor_stop_the_pod(live_emu, make_pod,
     assert wd.State.load(job_dir / wd.STATE_FILE).reason == "watchdog-crash-loop"
 
 
+def test_hung_worker_is_killed_and_replaced(live_emu, make_pod, tmp_path, procs):
+    """SIGSTOP freezes the worker as a hung sync(2) on a dead network filesystem would: its heartbeat stops,
+    the supervisor kills it and starts another, which stops the pod when the job ends."""
+    pod, _ = running_pod(live_emu, make_pod)
+    job_dir = tmp_path / "ws" / "jobs" / "train"
+    sup = spawn(live_emu, pod.id, job_dir, "--hang-seconds", "2")
+    procs.append(sup.pid)
+    first = wait_for(lambda: worker_pid(job_dir), what="the worker")
+    procs.append(first)
+    os.kill(first, signal.SIGSTOP)
+    second = wait_for(lambda: worker_pid(job_dir, other_than=first), timeout=30, what="a replacement worker")
+    procs.append(second)
+    end_job(job_dir)
+    wait_for(lambda: live_emu.pod(pod.id).status == "EXITED", what="the pod to stop")
+    assert "worker-hung" in events(job_dir)
+
+
 def test_a_second_start_does_not_double_watch(live_emu, make_pod, tmp_path, procs):
     pod, _ = running_pod(live_emu, make_pod)
     job_dir = tmp_path / "ws" / "jobs" / "train"

@@ -13,6 +13,7 @@ from remote import jobs, sync as rsync
 from remote.target import Target
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+KEY_FILE = "outputs/serve-api-key"  # on the target's volume, mode 0600 (ml.serving writes it)
 
 
 def find_ckpt(t: Target, ckpt: str | None) -> str:
@@ -47,8 +48,8 @@ def serve(c, stack=None, ckpt=None, config=None, tiny=False, port=8000):
             # On a pod the API listens on all interfaces: RunPod's proxy forwards 8000/http to it,
             # and the API key (written to the key file, 0600) is what keeps strangers out.
             host = "127.0.0.1" if t.kind == "local" else "0.0.0.0"
-            args = ["--ckpt", model, "--config", cfg, "--host", host, "--port", str(port),
-                    "--key-file", "outputs/serve-api-key"]
+            args = ["--ckpt", model, "--config", cfg, "--serve-config", config_path("serve", None, tiny),
+                    "--host", host, "--port", str(port), "--key-file", KEY_FILE]
             run_job(t, "serve", py(t, "ml.serving", *args), follow=False)
             from playbooks.run import start_watchdog
 
@@ -65,8 +66,10 @@ def serve(c, stack=None, ckpt=None, config=None, tiny=False, port=8000):
         else:
             raise SystemExit("error: the server did not become ready in 10 minutes; `fab logs --job serve`")
         url = t.pod.proxy_url(int(port)) if t.kind == "pod" and t.pod is not None else f"http://127.0.0.1:{port}"
-        print(f"refine API: {url}  (GET /health, POST /infer)")
-        print(f"API key: on {t.name} in {t.path('outputs/serve-api-key')} (`fab logs --job serve` shows the line)")
+        print(f"refine API: {url}  (GET /health, POST /infer with header X-API-Key)")
+        key = (t.read_text(t.path(KEY_FILE)) or "").strip()
+        print(f"API key: {key or '(not readable; see `fab logs --job serve`)'}  (kept on {t.name} in {KEY_FILE})")
+        print(f"stop it: fab teardown --stack {t.name}" + (" (stops the pod)" if t.kind == "pod" else ""))
 
 
 @task(help={"stack": STACK_HELP, "image": "condition image (PNG/JPG)", "mesh": "coarse mesh to refine",

@@ -83,6 +83,9 @@ def start(target: Target, name: str, command: str, env: dict[str, str] | None = 
         f"{target.env_prefix()} true\n"
         f"{exports}"
         "export PYTHONUNBUFFERED=1\n"
+        # A handler (not an ignore, which children would inherit): Ctrl-C, TERM or HUP still reach the
+        # command, and this script lives on to record how it ended instead of dying with it.
+        "trap 'echo \"[job: signal received]\" >&2' INT TERM HUP\n"
         # The command runs in a subshell so that an `exit` inside it still reaches the exit_code line.
         f"( {command}\n) >> {shlex.quote(d + '/log')} 2>&1 < /dev/null\n"
         "rc=$?\n"
@@ -141,19 +144,30 @@ def state(target: Target, name: str) -> JobState:
     return js
 
 
-def stop(target: Target, name: str) -> JobState:
-    """Interrupt a running job (SIGINT first, so training can write its checkpoint), then kill it."""
+def stop(target: Target, name: str, grace: float = 30.0) -> JobState:
+    """Interrupt a running job: Ctrl-C first (training writes its checkpoint, servers shut down cleanly),
+    SIGTERM to its process group after `grace` seconds, SIGKILL 10 s later. The job script survives
+    the first two (it traps them) and records the exit code; only SIGKILL leaves it `lost`."""
     s = state(target, name)
     if s.state != "running":
         return s
     sess = f"={SESSION_PREFIX}{name}"
-    target.run(f"{_tmux(target)} send-keys -t {sess} C-c 2>/dev/null; true", check=False)
-    for _ in range(30):
-        time.sleep(1)
-        s = state(target, name)
-        if s.state != "running":
-            return s
-    target.run(f"{_tmux(target)} kill-session -t {sess} 2>/dev/null; true", check=False)
+    tmux = _tmux(target)
+    # send-keys takes a *pane*: "=name" alone is "can't find pane"; "=name:" is its current window's pane.
+    target.run(f"{tmux} send-keys -t {sess}: C-c", check=False)
+    signal_group = (
+        f"pg=$({tmux} display-message -p -t {sess}: '#{{pane_pid}}' 2>/dev/null) && [ -n \"$pg\" ] && kill -@SIG@ -- -$pg"
+    )
+    for sig, wait in (("TERM", grace), ("KILL", 10.0)):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            s = state(target, name)
+            if s.state != "running":
+                return s
+        target.run(signal_group.replace("@SIG@", sig), check=False)
+    time.sleep(0.5)
+    target.run(f"{tmux} kill-session -t {sess} 2>/dev/null; true", check=False)
     return state(target, name)
 
 

@@ -74,5 +74,21 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
             timeout=600)
     assert out.is_file() and out.stat().st_size > 1000, r.stdout + r.stderr
 
+    # The API on this machine (a free port: other servers may hold 8000), then teardown stops it.
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    r = fab(env, "serve", "--tiny", "--port", str(port), timeout=600)
+    assert f"refine API: http://127.0.0.1:{port}" in r.stdout, r.stdout
+    key = r.stdout.split("API key: ")[1].split()[0]
+    assert len(key) >= 16 and (ws / "outputs" / "serve-api-key").read_text().strip() == key
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as resp:
+        assert resp.status == 200 and json.loads(resp.read())
+
     r = fab(env, "teardown")
-    assert "nothing is billed" in r.stdout
+    assert "stopped job serve" in r.stdout and "nothing is billed" in r.stdout
+    assert (ws / "jobs" / "serve" / "exit_code").is_file()

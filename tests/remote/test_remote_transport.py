@@ -133,3 +133,18 @@ def test_remote_local_target_same_commands(tmp_path):
         src.mkdir()
         (src / "a.obj").write_text("v 0 0 0\n")
         assert sync.push(t, src, t.path("data/input"), progress=False).transferred == 1
+
+
+def test_remote_stop_escalates_and_keeps_the_exit_code(target):
+    # Ctrl-C is enough for most jobs...
+    jobs.start(target, "polite", "python3 -c 'import time\ntry:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n  print(\"bye\")'")
+    time.sleep(0.5)
+    st = jobs.stop(target, "polite", grace=5)
+    assert st.state == "done" and "bye" in jobs.tail(target, "polite")
+    # ...one that ignores it gets SIGTERM after the grace period, and its exit status is still recorded.
+    jobs.start(target, "stubborn", "trap '' INT; sleep 60")
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    st = jobs.stop(target, "stubborn", grace=1)
+    assert st.state == "failed" and st.exit_code == 143, st  # 128 + SIGTERM
+    assert time.monotonic() - t0 < 10

@@ -18,16 +18,17 @@ outputs/), and calls sync(2): what is on the volume then is what the next start 
 
 Robustness. API errors are retried with backoff, then retried forever at a capped interval with a loud
 line in the log each time: the watchdog never exits leaving the pod running silently. It runs as two
-processes: a supervisor that restarts the worker when it dies (state is in <job-dir>/watchdog.json, so
-the idle clock and the start time survive a restart) and, when the worker keeps dying, stops the pod
-itself; and the worker, which carries on alone when the supervisor is killed. RunPod's API has no
-server-side backstop for pods (no TTL, idle timeout or spend cap on a pod; `idleTimeout` exists only for
-serverless workers), so when both processes are killed at once, or the container hangs, nothing stops the
-pod: `fab status` reads the heartbeat in watchdog.json and says so.
+processes: a supervisor that restarts the worker when it dies or hangs (no heartbeat; state is in
+<job-dir>/watchdog.json, so the idle clock and the start time survive a restart) and, when the worker
+keeps dying, stops the pod itself; and the worker, which carries on alone when the supervisor is killed.
+RunPod's API has no server-side backstop for pods (no TTL, idle timeout or spend cap on a pod;
+`idleTimeout` exists only for serverless workers), so when both processes are killed at once, or the
+container hangs, nothing stops the pod: `fab status` reads the heartbeat in watchdog.json and says so.
 
-Settings default to the pod's environment, which the stack puts there (infra/stack_config.py):
-RUNPOD_POD_ID, RUNPOD_API_KEY, RUNPOD_API_BASE, ULTRASHAPE_STACK, ULTRASHAPE_BUDGET_USD,
-ULTRASHAPE_AUTOSTOP_IDLE_MINUTES, ULTRASHAPE_MAX_RUNTIME_HOURS. A value of 0 turns a check off.
+Limits: the flags (`fab` fills them from the laptop's stack file), else the pod's environment, which
+`pulumi up` sets (ULTRASHAPE_BUDGET_USD, ULTRASHAPE_AUTOSTOP_IDLE_MINUTES, ULTRASHAPE_MAX_RUNTIME_HOURS),
+else the stack file shipped with the kit (--stack, default $ULTRASHAPE_STACK). The pod id and the API come
+from RUNPOD_POD_ID, RUNPOD_API_KEY and RUNPOD_API_BASE. A value of 0 turns a check off.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,22 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as resp:
         assert resp.status == 200 and json.loads(resp.read())
 
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        tb_port = sk.getsockname()[1]
+    r = fab(env, "tensorboard", "--port", str(tb_port))
+    assert f"http://127.0.0.1:{tb_port}" in r.stdout
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{tb_port}/", timeout=5) as resp:
+                assert resp.status == 200
+                break
+        except OSError:
+            assert time.monotonic() < deadline, (ws / "jobs" / "tensorboard" / "log").read_text()
+            time.sleep(1)
+
     r = fab(env, "teardown")
+    assert "stopped job tensorboard" in r.stdout
     assert "stopped job serve" in r.stdout and "nothing is billed" in r.stdout
     assert (ws / "jobs" / "serve" / "exit_code").is_file()

@@ -392,7 +392,13 @@ class Watchdog:
             return None
         self._last_pod_read = now
         if pod.cost_per_hr > 0:
-            self.st.usd_per_hour = pod.cost_per_hr
+            # `cost` is the compute rate; the container disk and a host-local volume bill on top while running
+            # (the network volume bills on its own, counted only with --volume-id).
+            from infra.cost import Prices
+
+            p = Prices()
+            disk_gb = (pod.disk_gb or 0) + (pod.volume_gb or 0)
+            self.st.usd_per_hour = pod.cost_per_hr + disk_gb * p.pod_volume_running_usd_per_gb_month / p.hours_per_month
         if pod.uptime_seconds is not None:
             self.st.pod_uptime_s = float(pod.uptime_seconds)
             self.st.pod_uptime_at = now

@@ -139,6 +139,14 @@ def test_openapi_documents_the_multipart_body_and_key(served):
     assert spec["components"]["securitySchemes"]["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     assert "model/gltf-binary" in op["responses"]["200"]["content"]
     assert "security" not in spec["paths"]["/health"]["get"]
+    # The hand-written parts are valid OpenAPI 3.1 schemas, and they accept what the server accepts.
+    from openapi_schema_validator import OAS31Validator
+
+    body_schema = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    OAS31Validator.check_schema(body_schema)
+    OAS31Validator.check_schema(spec["components"]["schemas"]["Error"])
+    OAS31Validator(body_schema).validate({"image": "x", "coarse_mesh": "y", "steps": 4, "octree_resolution": 32})
+    assert not OAS31Validator(body_schema).is_valid({"image": "x", "coarse_mesh": "y", "steps": 1})
 
 
 # ------------------------------------------------------------------------------------- bad input

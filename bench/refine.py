@@ -135,6 +135,8 @@ def main() -> None:
                     help="occupancy logit per unit of signed distance of the stand-in shape (sets the band width)")
     ap.add_argument("--ckpt", default=None, help="real weights (ultrashape_v1.pt): then the real occupancy field is "
                     "decoded (no stand-in shape) and part 3's Chamfer / F-score measure real quality")
+    ap.add_argument("--parts", default="dit,e2e,variants,compile",
+                    help="which parts to run: dit, e2e, variants, decode (decoding alone, flashvdm on/off), compile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -197,8 +199,9 @@ def main() -> None:
             f"({flops / med / 1e12:.0f} TFLOP/s); all {[round(t, 3) for t in times]}")
         return med
 
+    parts = set(args.parts.split(","))
     steps_t = {}
-    for name, be in backends.items():
+    for name, be in (backends.items() if "dit" in parts else []):
         try:
             if be is None:
                 steps_t[name] = time_step(name)
@@ -207,7 +210,7 @@ def main() -> None:
                     steps_t[name] = time_step(name)
         except Exception as e:  # noqa: BLE001 -- a backend may not support these shapes here
             log(f"DiT step [{name}] unavailable: {type(e).__name__}: {str(e)[:200]}")
-    best = min(steps_t, key=steps_t.get)
+    best = min(steps_t, key=steps_t.get) if steps_t else "default"
     res["dit_step_s"] = steps_t
     res["best_backend"] = best
     best_ctx = (lambda: sdpa_kernel([backends[best]])) if backends.get(best) is not None else (lambda: torch.no_grad())
@@ -238,71 +241,91 @@ def main() -> None:
 
     if not args.ckpt:
         vae.geo_decoder.query_cached = real_shape_query
-    e2e = {}
-    with best_ctx():
-        out = pipe(im, mesh, steps=args.steps, guidance=cfg.refine.guidance, octree_resolution=args.octree, seed=42)
-    e2e["plain"] = dict(pipe.timings)
-    e2e["plain"].update(faces=len(out.faces), watertight=bool(out.is_watertight))
-    if not args.ckpt:
-        del vae.geo_decoder.query_cached  # back to the real method
-    log(f"end to end [plain bf16, {args.steps} steps, octree {args.octree}]: {json.dumps(e2e['plain'])}")
-    # the mesh comes back in the input frame, around the input
-    res["e2e_bbox_err"] = float(np.abs(out.bounds - mesh.bounds).max() / np.ptp(mesh.bounds, axis=0).max())
-    log(f"output bbox vs input bbox (relative): {res['e2e_bbox_err']:.4f}")
+    e2e: dict = {}
+    if "decode" in parts:
+        # decoding alone: random latents through the full decoder, stand-in shape field (module doc)
+        with torch.no_grad():
+            z = torch.randn(1, N, dcfg.in_channels, generator=torch.Generator().manual_seed(3)).to(dev)
+            for fv in (True, False):
+                counts: list = []
+                sync(dev)
+                a = time.perf_counter()
+                tokens = vae.decode(z.to(dtype))
+                v, f = vae.to_mesh(tokens, octree_resolution=args.octree, bounds=1.0, flashvdm=fv,
+                                   num_chunks=cfg.refine.num_chunks, query_counts=counts)
+                sync(dev)
+                e2e[f"decode_flashvdm_{fv}"] = {"decode_s": time.perf_counter() - a, "faces": int(f.shape[0]),
+                                               "queries": counts}
+                log(f"decode octree {args.octree} flashvdm={fv}: {json.dumps(e2e[f'decode_flashvdm_{fv}'])}")
+                if time.perf_counter() - t_start > args.budget_s:
+                    break
+    if "e2e" in parts:
+        with best_ctx():
+            out = pipe(im, mesh, steps=args.steps, guidance=cfg.refine.guidance, octree_resolution=args.octree, seed=42)
+        e2e["plain"] = dict(pipe.timings)
+        e2e["plain"].update(faces=len(out.faces), watertight=bool(out.is_watertight))
+        if not args.ckpt:
+            del vae.geo_decoder.query_cached  # back to the real method
+        log(f"end to end [plain bf16, {args.steps} steps, octree {args.octree}]: {json.dumps(e2e['plain'])}")
+        # the mesh comes back in the input frame, around the input
+        res["e2e_bbox_err"] = float(np.abs(out.bounds - mesh.bounds).max() / np.ptp(mesh.bounds, axis=0).max())
+        log(f"output bbox vs input bbox (relative): {res['e2e_bbox_err']:.4f}")
     res["e2e"] = e2e
+    var: dict = {}
+    if "e2e" in parts and "variants" in parts:
+        # ---------------------------------------------------------------- 3. speed-ups that change numbers
+        # same conditioning, tokens and noise as a fresh plain run; compare latents and random-field meshes
+        from ml.models.flow_matching import sample_euler
 
-    # ---------------------------------------------------------------- 3. speed-ups that change numbers
-    # same conditioning, tokens and noise as a fresh plain run; compare latents and random-field meshes
-    from ml.models.flow_matching import sample_euler
+        last = pipe.last
+        with torch.no_grad(), best_ctx():
+            cond, cmask = last["cond"], last["cond_mask"]
+            both = torch.cat([cond, torch.zeros_like(cond)])
+            bmask = None if cmask is None else torch.cat([cmask, torch.ones_like(cmask)])
+            pv = last["voxel_idx"]
+            pv2 = torch.cat([pv, pv])
+            noise = last["noise"]
 
-    last = pipe.last
-    with torch.no_grad(), best_ctx():
-        cond, cmask = last["cond"], last["cond_mask"]
-        both = torch.cat([cond, torch.zeros_like(cond)])
-        bmask = None if cmask is None else torch.cat([cmask, torch.ones_like(cmask)])
-        pv = last["voxel_idx"]
-        pv2 = torch.cat([pv, pv])
-        noise = last["noise"]
+            def fn(xx, t, branch):
+                xx, t = xx.to(dtype), t.to(dtype)
+                if branch == "both":
+                    return models.dit(xx, t, both, pv2, bmask)
+                return models.dit(xx, t, cond if branch == "cond" else torch.zeros_like(cond), pv,
+                                  cmask if branch == "cond" else None)
 
-        def fn(xx, t, branch):
-            xx, t = xx.to(dtype), t.to(dtype)
-            if branch == "both":
-                return models.dit(xx, t, both, pv2, bmask)
-            return models.dit(xx, t, cond if branch == "cond" else torch.zeros_like(cond), pv,
-                              cmask if branch == "cond" else None)
+            def run(steps, until=1.0):
+                sync(dev)
+                a = time.perf_counter()
+                z = sample_euler(fn, noise, steps=steps, guidance=cfg.refine.guidance, guidance_until=until)
+                sync(dev)
+                return z, time.perf_counter() - a
 
-        def run(steps, until=1.0):
-            sync(dev)
-            a = time.perf_counter()
-            z = sample_euler(fn, noise, steps=steps, guidance=cfg.refine.guidance, guidance_until=until)
-            sync(dev)
-            return z, time.perf_counter() - a
+            def mesh_pts(z):
+                tokens = vae.decode(z.to(dtype))
+                res_cmp = 32 if args.tiny else (args.octree if args.ckpt else 128)
+                v, f = vae.to_mesh(tokens, octree_resolution=res_cmp, bounds=1.0, flashvdm=cfg.refine.flashvdm)
+                return sample_points(v.float(), f, 50_000, torch.Generator().manual_seed(0))
 
-        def mesh_pts(z):
-            tokens = vae.decode(z.to(dtype))
-            res_cmp = 32 if args.tiny else (args.octree if args.ckpt else 128)
-            v, f = vae.to_mesh(tokens, octree_resolution=res_cmp, bounds=1.0, flashvdm=cfg.refine.flashvdm)
-            return sample_points(v.float(), f, 50_000, torch.Generator().manual_seed(0))
+            z_ref, t_ref = last["latents"], e2e["plain"]["sampling_s"]
+            p_ref = mesh_pts(z_ref)
+            var = {"plain": {"sampling_s": t_ref}}
+            for spec in [s for s in args.variants.split(",") if s]:
+                if time.perf_counter() - t_start > args.budget_s:
+                    log(f"budget reached: skipping variant {spec}")
+                    continue
+                steps, _, until = spec.partition("@")
+                z, t_s = run(int(steps), float(until) if until else 1.0)
+                rel = ((z - z_ref).norm() / z_ref.norm()).item()
+                ch, fs = chamfer_fscore(mesh_pts(z), p_ref)
+                est = e2e["plain"]["total_s"] - e2e["plain"]["sampling_s"] + t_s
+                var[spec] = {"sampling_s": t_s, "e2e_estimate_s": est, "latent_rel_l2": rel, "chamfer": ch, "fscore_0.01": fs}
+                log(f"variant {spec}: sampling {t_s:.2f} s -> end to end ~{est:.1f} s; latents rel L2 {rel:.3f}; "
+                    f"random-field mesh vs plain: Chamfer {ch:.4f}, F@0.01 {fs:.3f}")
 
-        z_ref, t_ref = last["latents"], e2e["plain"]["sampling_s"]
-        p_ref = mesh_pts(z_ref)
-        var = {"plain": {"sampling_s": t_ref}}
-        for spec in [s for s in args.variants.split(",") if s]:
-            if time.perf_counter() - t_start > args.budget_s:
-                log(f"budget reached: skipping variant {spec}")
-                continue
-            steps, _, until = spec.partition("@")
-            z, t_s = run(int(steps), float(until) if until else 1.0)
-            rel = ((z - z_ref).norm() / z_ref.norm()).item()
-            ch, fs = chamfer_fscore(mesh_pts(z), p_ref)
-            est = e2e["plain"]["total_s"] - e2e["plain"]["sampling_s"] + t_s
-            var[spec] = {"sampling_s": t_s, "e2e_estimate_s": est, "latent_rel_l2": rel, "chamfer": ch, "fscore_0.01": fs}
-            log(f"variant {spec}: sampling {t_s:.2f} s -> end to end ~{est:.1f} s; latents rel L2 {rel:.3f}; "
-                f"random-field mesh vs plain: Chamfer {ch:.4f}, F@0.01 {fs:.3f}")
     res["variants"] = var
 
     # ---------------------------------------------------------------- 4. compile (exact)
-    if dev.type == "cuda" and time.perf_counter() - t_start < args.budget_s:
+    if "compile" in parts and dev.type == "cuda" and time.perf_counter() - t_start < args.budget_s:
         a = time.perf_counter()
         models.dit.compile_kernels()
         with best_ctx():

@@ -140,9 +140,19 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C); ctx (B, S, Cc); ctx_mask (B, S) bool, True = real token (None: all real)."""
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None = None,
+                live: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); ctx (B, S, Cc); ctx_mask (B, S) bool, True = real token (None: all real).
+
+        live: indices of the rows whose context is not all zeros, or None (all). A zero context (the
+        unconditional CFG branch, a CFG-dropped sample) has zero values when to_v has no bias, so its
+        attention output is exactly 0 and the block returns out_proj's bias: we skip computing it."""
         B, T, C = x.shape
+        if live is not None and self.to_v.bias is None:
+            out = self.out_proj.bias.to(x.dtype).expand(B, T, C).clone()
+            if live.numel():
+                out[live] = self.forward(x[live], ctx[live], None if ctx_mask is None else ctx_mask[live])
+            return out
         q = self.to_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # plain split for q
         k, v = _interleaved_heads([self.to_k(ctx), self.to_v(ctx)], self.num_heads)  # interleaved for k/v
         q, k = self.q_norm(q), self.k_norm(k)
@@ -263,11 +273,11 @@ class DiTBlock(nn.Module):
             self.mlp = MLP(C)
         self.use_moe = moe
 
-    def forward(self, x, ctx, ctx_mask, cos, sin, skip=None):
+    def forward(self, x, ctx, ctx_mask, cos, sin, skip=None, live=None):
         if self.skip_linear is not None:
             x = self.skip_norm(self.skip_linear(torch.cat([skip, x], dim=-1)))
         x = x + self.attn1(self.norm1(x), cos, sin)
-        x = x + self.attn2(self.norm2(x), ctx, ctx_mask)
+        x = x + self.attn2(self.norm2(x), ctx, ctx_mask, live)
         h = self.norm3(x)
         return x + (self.moe(h) if self.use_moe else self.mlp(h))
 
@@ -342,10 +352,13 @@ class RefineDiT(nn.Module):
             # official convention: a context row that is all -1 is padding (batched masked images)
             pad = (cond == -1).all(dim=-1)
             cond_mask = ~pad if bool(pad.any()) else None
+        # rows with an all-zero context (unconditional branch): their cross-attention is a constant
+        zero = (cond == 0).flatten(1).all(dim=1)
+        live = (~zero).nonzero().squeeze(1) if bool(zero.any()) else None
         skips = []
         half = self.cfg.depth // 2
         for i, block in enumerate(self.blocks):
-            h = block(h, cond, cond_mask, cos, sin, skip=skips.pop() if i > half else None)
+            h = block(h, cond, cond_mask, cos, sin, skip=skips.pop() if i > half else None, live=live)
             if i < half:
                 skips.append(h)
         return self.final_layer(h)

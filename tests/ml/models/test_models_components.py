@@ -244,3 +244,32 @@ def test_decode_volume_reports_query_counts_and_scatters_back():
     dense = fn(torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1))
     band = dense.abs() < 0.03
     assert torch.allclose(grid[band], dense[band], atol=1e-6)
+
+
+def test_zero_context_shortcut_is_exact():
+    """The unconditional branch's cross-attention is skipped (its output is out_proj's bias);
+    results equal the full computation, forward and backward."""
+    import ml.models.dit as dm
+
+    dit = _dit()
+    g = torch.Generator().manual_seed(5)
+    x, vox = torch.randn(3, 9, 8, generator=g), torch.randint(0, 128, (3, 9, 3), generator=g)
+    ctx = torch.randn(3, 6, 32, generator=g)
+    ctx[1] = 0.0  # the unconditional row
+    t = torch.rand(3, generator=g)
+    dit.train()
+    a = dit(x, t, ctx, vox)
+    a.square().mean().backward()
+    ga = {k: p.grad.clone() for k, p in dit.named_parameters() if p.grad is not None}
+    dit.zero_grad()
+    orig = dm.CrossAttention.forward
+    try:  # the same model with the shortcut disabled
+        dm.CrossAttention.forward = lambda self, x, c, m=None, live=None: orig(self, x, c, m, None)
+        b = dit(x, t, ctx, vox)
+        b.square().mean().backward()
+    finally:
+        dm.CrossAttention.forward = orig
+    assert torch.allclose(a, b, atol=1e-6)
+    for k, p in dit.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(ga[k], p.grad, atol=1e-6), k

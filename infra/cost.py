@@ -285,6 +285,7 @@ class Estimate:
     storage_usd_per_month: float
     storage_kind: str  # "network volume" or "pod volume"
     budget_usd: float = 0.0
+    max_runtime_hours: float = 0.0
 
     @property
     def hours(self) -> float:
@@ -310,6 +311,10 @@ class Estimate:
         out.append(f"setup + autostop tail: {self.overhead_hours:.2f} h")
         out.append(f"compute: {self.hours:.2f} h x ${self.gpu_usd_per_hour:.2f}/h = ${self.compute_usd:.2f}")
         out.append(f"storage: {self.storage_kind} {self.storage_gb:.0f} GB = ${self.storage_usd_per_month:.2f}/month")
+        if self.max_runtime_hours > 0 and self.hours > self.max_runtime_hours:
+            step = int(max(0.0, self.max_runtime_hours - self.overhead_hours - self.process_hours) * 3600 / self.step_time_s)
+            out.append(f"runtime: maxRuntimeHours is {self.max_runtime_hours:g} h: the watchdog stops the pod then, near step "
+                       f"{min(step, self.steps)}; `fab train` again resumes from the last checkpoint (or raise maxRuntimeHours)")
         if self.budget_usd > 0:
             if self.compute_usd <= self.budget_usd:
                 out.append(f"budget: ${self.budget_usd:.2f} (budgetUsd) covers it, ${self.budget_usd - self.compute_usd:.2f} to spare")
@@ -344,6 +349,7 @@ def estimate_run(
     volume_gb: float,
     network_volume: bool,
     budget_usd: float = 0.0,
+    max_runtime_hours: float = 0.0,
     cfg: CostModelConfig | None = None,
     client=None,
 ) -> Estimate:
@@ -389,6 +395,7 @@ def estimate_run(
         process_meshes=process_meshes, process_hours=process_h, overhead_hours=overhead,
         storage_gb=volume_gb, storage_usd_per_month=storage,
         storage_kind="network volume" if network_volume else "pod volume (stopped rate)", budget_usd=budget_usd,
+        max_runtime_hours=max_runtime_hours,
     )
 
 

@@ -140,7 +140,7 @@ def estimate_lines(
         samples_per_step=samples * cfg.gpu_count, step_time_s=step_s,
         step_time_source=f"measured, {metrics}" if step_s else "",
         process_meshes=0 if processed else n, volume_gb=vol, network_volume=cfg.network_volume is not None,
-        budget_usd=cfg.budget_usd, client=client,
+        budget_usd=cfg.budget_usd, max_runtime_hours=cfg.max_runtime_hours, client=client,
     )
     head = f"estimate for stack {stack} ({config}):"
     return [head] + [f"  {x}" for x in e.lines()]

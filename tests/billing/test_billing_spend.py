@@ -69,6 +69,9 @@ def test_estimate_offline_uses_the_training_config_and_flags_a_small_budget(repo
     assert "covers it" in text
     a40 = "\n".join(pc.estimate_lines("a40", "configs/train_dit_refine.yaml", meshes=100))
     assert "NOT enough" in a40 and "budgetUsd" in a40
+    # 57.8 h of A40 training against Pulumi.a40.yaml's maxRuntimeHours: 8
+    assert "maxRuntimeHours is 8 h" in a40 and "near step 2723" in a40  # (8 h - 0.13 h setup) / 10.4 s
+    assert "maxRuntimeHours" not in text  # 11.7 h fits the h100 stack's 48 h
 
 
 def test_estimate_live_price_and_measured_step_time(frozen_pod, tmp_path):

@@ -744,8 +744,12 @@ def health(state_json: str, now: Optional[float] = None) -> Health:
     except (ValueError, TypeError):
         return Health(False, "absent", "", None, None,
                       "no watchdog state: this pod will NOT stop by itself; `fab teardown` when done")
-    age = None if st.last_check is None else now - st.last_check
+    seen = max([t for t in (st.last_check, st.heartbeat) if t is not None], default=None)
+    age = None if seen is None else now - seen
     stale = age is None or age > 3 * st.poll_s + 60
+    if st.outcome == "stopping" and not stale:
+        return Health(True, st.outcome, st.reason, age, st.projected_usd,
+                      f"watchdog is stopping the pod ({st.reason}): flushing checkpoints, then the stop call")
     if st.outcome == "stopped":
         return Health(False, st.outcome, st.reason, age, st.projected_usd, f"watchdog stopped the pod ({st.reason})")
     if st.outcome == "stop-failing":

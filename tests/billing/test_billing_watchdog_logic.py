@@ -184,6 +184,11 @@ def test_health_from_state_text():
     failing = wd.State(pod_id="p", started_at=0, last_check=now - 5, outcome="stop-failing", reason="budget")
     assert "FAILING" in wd.health(json.dumps(failing.__dict__), now).message
     assert "will NOT stop" in wd.health("", now).message
+    # a long checkpoint flush: no check for minutes, but the heartbeat goes on
+    flushing = wd.State(pod_id="p", started_at=0, last_check=now - 600, heartbeat=now - 2, outcome="stopping",
+                        reason="budget")
+    h = wd.health(json.dumps(flushing.__dict__), now)
+    assert h.running and "stopping the pod (budget)" in h.message
 
 
 def test_cli_defaults_come_from_the_pod_environment(tmp_path, monkeypatch):

@@ -44,6 +44,13 @@ single2() {  # second call: fp32 weights + autocast (plain fused AdamW) against 
        "$A --zero 0 --act-ckpt 10 --attn cudnn --label 1gpu-autocast-z0-ackpt10-cudnn"
 }
 
+multi3() {  # third call: ZeRO-2 over both cards with DeepSpeed bf16 weights (autocast's fp32 weights OOM'd there)
+  timeout 110 $DS --num_gpus 2 bench/train_step.py --json "$J" --steps 5 --warmup 2 --zero 2 \
+    --set deepspeed.precision=bf16 --label 2gpu-bf16-zero2 > /tmp/m.log 2>&1
+  cat /tmp/m.log >> "$L"
+  grep -h '^\[' /tmp/m.log || grep -h "Error" /tmp/m.log | tail -3
+}
+
 multi() {
   for z in 2 3; do
     timeout 200 $DS --num_gpus 2 bench/train_step.py --json "$J" --steps 6 --warmup 2 --zero $z --label 2gpu-zero$z > /tmp/m.log 2>&1
@@ -55,7 +62,7 @@ multi() {
 resume() {  # tiny model, real trainer: 2 GPUs write step 3, 1 GPU resumes it (universal conversion) to step 6
   D=/tmp/rs; rm -rf $D; mkdir -p $D
   python3 -c "import sys; sys.path.insert(0, 'tests/ml/training'); from training_fixtures import write_dataset; from pathlib import Path; write_dataset(Path('$D/data'), n_train=8, n_val=2, n_points=6000)"
-  for z in 2 3; do
+  for z in ${ZS:-2 3}; do
     C="--config configs/train_dit_refine-tiny.yaml data.root=$D/data run.output_dir=$D/out deepspeed.precision=autocast deepspeed.dist_backend=null deepspeed.zero_stage=$z logging.wandb=disabled optim.warmup_steps=1 train.val_every=3 train.log_every=1 train.ckpt_every=3"
     timeout 150 $DS --num_gpus 2 --module ml.training $C run.run_id=z$z train.max_steps=3 > /tmp/r.log 2>&1; tail -2 /tmp/r.log
     CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m ml.training $C --resume $D/out/z$z train.max_steps=6 >> /tmp/r.log 2>&1; tail -3 /tmp/r.log
@@ -71,4 +78,5 @@ case "${1:-all}" in
   resume) setup; resume ;;
   all) setup; single; multi; resume ;;
   call2) setup; single2; multi; resume ;;
+  call3) setup; multi3; ZS=2 resume ;;
 esac

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     from ml.models.checkpoint import build_models
     from ml.training.engine import (apply_lora, build_engine, enable_activation_checkpointing, init_distributed,
-                                    run_every_expert)
+                                    make_graph_static)
     from ml.training.step import TrainModels
 
     rank, local_rank, world = init_distributed(cfg)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     if cfg.model.lora.enabled:
         apply_lora(dit, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
     if world > 1:
-        run_every_expert(dit)
+        make_graph_static(dit)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
     if args.compile == "kernels":

@@ -27,7 +27,7 @@ from ml.training import checkpoint as ckpt
 from ml.training.config import FROZEN_ON_RESUME, TrainConfig
 from ml.training.data import DataOrder, RefineDataset, make_loader, val_batches
 from ml.training.engine import (apply_lora, build_engine, enable_activation_checkpointing, init_distributed,
-                                run_every_expert)
+                                make_graph_static)
 from ml.training.logs import RunLogger, peak_tflops, plot_loss_curve
 
 log = logging.getLogger("ml.training")
@@ -120,7 +120,7 @@ class Trainer:
             n = apply_lora(dit, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
             log.info("LoRA: adapters on %d linear layers (rank %d)", n, cfg.model.lora.rank)
         if self.world > 1:
-            run_every_expert(dit)
+            make_graph_static(dit)
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
         n_train = sum(p.numel() for p in dit.parameters() if p.requires_grad)
@@ -289,7 +289,8 @@ class Trainer:
             if empty:
                 continue
             # fixed noise and timesteps per validation batch: evaluations are comparable across the run
-            gen = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed * 100003 + self.rank * 1009 + i)
+            # a CPU generator: the VAE draws its voxel/point permutations on the CPU
+            gen = torch.Generator().manual_seed(self.cfg.run.seed * 100003 + self.rank * 1009 + i)
             tot += float(self.models.loss(self.engine, batch, train=False, gen=gen))
             n += 1
         self.engine.train()

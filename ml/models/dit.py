@@ -225,6 +225,9 @@ class MoE(nn.Module):
         self.gate = MoEGate(dim, num_experts)
         self.shared_experts = FeedForward(dim, dim * 4)
         self.aux_loss: torch.Tensor | None = None  # set in training forwards, for logging
+        # True: call every expert even with no tokens routed to it (zero rows, zero gradient), so that
+        # every data-parallel rank fires the same gradient hooks in the same order
+        self.every_expert = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -239,7 +242,7 @@ class MoE(nn.Module):
         w = topk_w.flatten()[order].unsqueeze(-1)
         start = 0
         for e, n in enumerate(counts):
-            if n:
+            if n or self.every_expert:
                 sel = tok[start:start + n]
                 y.index_add_(0, sel, (self.experts[e](flat[sel]) * w[start:start + n]).to(y.dtype))
             start += n

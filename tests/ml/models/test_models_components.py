@@ -273,3 +273,20 @@ def test_zero_context_shortcut_is_exact():
     for k, p in dit.named_parameters():
         if p.grad is not None:
             assert torch.allclose(ga[k], p.grad, atol=1e-6), k
+
+
+def test_moe_every_expert_gives_idle_experts_zero_gradients():
+    dit = _dit()
+    moe = dit.blocks[-1].moe
+    x = torch.randn(1, 1, 48)  # one token: 2 of the 4 experts get nothing
+    moe.train()
+    y = moe(x)
+    y.sum().backward()
+    assert sum(e.net[0].proj.weight.grad is None for e in moe.experts) == 2
+    moe.zero_grad(set_to_none=True)
+    moe.every_expert = True
+    y2 = moe(x)
+    y2.sum().backward()
+    assert torch.equal(y, y2)
+    grads = [e.net[0].proj.weight.grad for e in moe.experts]
+    assert all(g is not None for g in grads) and sum(bool(g.abs().sum() == 0) for g in grads) == 2

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from pathlib import Path
 
 from fabric import task
 
-from playbooks.common import OUTPUTS, STACK_HELP, config_path, latest_run, py, run_job, say, target
+from playbooks.common import INPUT, OUTPUT, OUTPUTS, STACK_HELP, config_path, latest_run, py, run_job, say, target
 from remote import jobs, sync as rsync
 from remote.target import Target
 
@@ -72,48 +73,67 @@ def serve(c, stack=None, ckpt=None, config=None, tiny=False, port=8000):
         print(f"stop it: fab teardown --stack {t.name}" + (" (stops the pod)" if t.kind == "pod" else ""))
 
 
-@task(help={"stack": STACK_HELP, "image": "condition image (PNG/JPG)", "mesh": "coarse mesh to refine",
-            "ckpt": "model file (default: the latest run's export)", "config": "inference config",
+def default_pair(t: Target) -> tuple[str, str]:
+    """(image, mesh) on the target for a no-argument `fab infer`: the first processed mesh of data/input and
+    its first render (data/output/report.jsonl says which input each sample came from)."""
+    r = t.run(f"cat {shlex.quote(t.path(OUTPUT, 'report.jsonl'))} 2>/dev/null", check=False)
+    for line in r.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        uid = rec.get("uid")
+        src = next((rec[k] for k in ("input", "source", "path", "src", "file") if isinstance(rec.get(k), str)), None)
+        if not uid or not src or rec.get("status", "ok") not in ("ok", "done", "skipped", "cached"):
+            continue
+        image = f"{OUTPUT}/renders/{uid}/rgba/000.png"
+        mesh = src if src.startswith("/") or src.startswith(INPUT) else f"{INPUT}/{src}"
+        if t.exists(t.path(image)) and t.exists(mesh if mesh.startswith("/") else t.path(mesh)):
+            return image, mesh
+    raise SystemExit(
+        f"error: no processed mesh with a render on {t.name} to refine by default; pass --image FILE --mesh FILE"
+    )
+
+
+@task(help={"stack": STACK_HELP, "image": "condition image (PNG/JPG) here (default: a render of a processed mesh)",
+            "mesh": "coarse mesh to refine, here (default: that processed mesh's input)",
+            "ckpt": "model file on the target (default: the latest run's export)", "config": "inference config",
             "tiny": "the CPU-sized inference config", "out": "where the refined GLB lands here"})
 def infer(c, stack=None, image=None, mesh=None, ckpt=None, config=None, tiny=False, out=None):
     """Refine one mesh with the trained model on the target, and bring the GLB home."""
-    cfg = config_path("infer", config, tiny or (ckpt is None and config is None and stack == "local"))
-    image = image or _example("image")
-    mesh = mesh or _example("mesh")
+    cfg = config_path("infer", config, tiny)
+    if bool(image) != bool(mesh):
+        raise SystemExit("error: pass both --image and --mesh, or neither (a processed mesh and its render)")
+    for f in (image, mesh):
+        if f and not Path(f).is_file():
+            raise SystemExit(f"error: {f}: no such file")
     with target(stack) as t:
         model = find_ckpt(t, ckpt)
-        stem = Path(mesh).stem
-        remote_dir = t.path(OUTPUTS, "infer")
-        up = t.path("data", "infer-inputs")
-        for f in (image, mesh):
-            if not Path(f).is_file():
-                raise SystemExit(f"error: {f}: no such file")
-        for f in (image, mesh):
-            rsync.push(t, Path(f).resolve().parent, up, suffixes=(Path(f).name,), progress=False)
+        if image:
+            up = "data/infer-inputs"
+            for f in (image, mesh):
+                rsync.push(t, Path(f).resolve().parent, t.path(up), suffixes=(Path(f).name,), progress=False)
+            r_image, r_mesh = f"{up}/{Path(image).name}", f"{up}/{Path(mesh).name}"
+        else:
+            r_image, r_mesh = default_pair(t)
+            say(f"[{t.name}] refining {r_mesh} with its render {r_image}")
+        stem = Path(r_mesh).stem
         remote_out = f"{OUTPUTS}/infer/{stem}_refined.glb"
-        t.run(f"mkdir -p {shlex.quote(remote_dir)}")
-        cmd = py(t, "ml.refine", "--ckpt", model, "--config", cfg, "--image", f"data/infer-inputs/{Path(image).name}",
-                 "--mesh", f"data/infer-inputs/{Path(mesh).name}", "--out", remote_out)
+        t.run(f"mkdir -p {shlex.quote(t.path(OUTPUTS, 'infer'))}")
+        cmd = py(t, "ml.refine", "--ckpt", model, "--config", cfg, "--image", r_image, "--mesh", r_mesh,
+                 "--out", remote_out)
         run_job(t, "infer", cmd)
-        dest = Path(out) if out else Path("outputs") / "infer" / f"{stem}_refined.glb"
-        rsync.pull(t, remote_dir, dest.parent, progress=False)
-        if out and dest.name != f"{stem}_refined.glb":
-            (dest.parent / f"{stem}_refined.glb").replace(dest)
-        print(f"refined mesh: {dest}")
-
-
-def _example(kind: str) -> str:
-    """The bundled example pair for the demo (examples/), so `fab infer --stack local` needs no arguments."""
-    from remote.target import REPO
-
-    ex = REPO / "examples"
-    if kind == "mesh":
-        cands = sorted(p for p in (ex / "meshes").glob("*") if p.suffix.lower() in (".obj", ".glb", ".ply", ".stl", ".off"))
-    else:
-        cands = sorted(p for p in ex.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not cands:
-        raise SystemExit(f"error: no example {kind} under {ex}; pass --{kind} FILE")
-    return str(cands[0])
+        dest = Path(out) if out else Path(OUTPUTS) / "infer" / f"{stem}_refined.glb"
+        rsync.pull_file(t, t.path(remote_out), dest)
+        print(f"refined mesh:   {dest.resolve()}")
+        where = "" if t.kind == "local" else f" (on {t.name}; `fab fetch` brings the run home)"
+        sheet = t.path(OUTPUT, "contact_sheet.png")
+        if t.exists(sheet):
+            print(f"contact sheet:  {sheet}{where}")
+        run = model.split("/")[1] if model.startswith(f"{OUTPUTS}/") else latest_run(t)
+        curve = t.path(OUTPUTS, run, "loss_curve.png") if run else None
+        if curve and t.exists(curve):
+            print(f"loss curve:     {curve}{where}")
 
 
 @task(help={"stack": STACK_HELP, "terminate": "delete the pod (a host-local volume goes with it; a network volume stays)",

@@ -157,3 +157,12 @@ def pull(
         args += ["--exclude", exc]
     args += [target.rsync_remote(src.rstrip("/") + "/"), f"{dest}/"]
     return _rsync(args, progress)
+
+
+def pull_file(target: Target, src: str, dest: str | os.PathLike, *, progress: bool = False) -> SyncResult:
+    """Copy one file from the target to `dest` (a file path here), resumably."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists(src):
+        raise TargetError(f"{target}: {src} does not exist")
+    return _rsync([*target.rsync_shell(), target.rsync_remote(src), str(dest)], progress)

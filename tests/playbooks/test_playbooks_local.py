@@ -74,6 +74,7 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
     r = fab(env, "infer", "--tiny", "--image", str(image), "--mesh", str(meshes / "ball.obj"), "--out", str(out),
             timeout=600)
     assert out.is_file() and out.stat().st_size > 1000, r.stdout + r.stderr
+    assert f"refined mesh:   {out}" in r.stdout and "loss curve:" in r.stdout, r.stdout
 
     # The API on this machine (a free port: other servers may hold 8000), then teardown stops it.
     import json

@@ -174,24 +174,22 @@ class ServerProcess:
     def stop(self, grace_s: float = 10.0) -> None:
         if self.proc is None:
             return
+        # start_new_session made the child a group leader: its pid is the group id, which stays valid
+        # (and reachable with killpg) after the child itself has exited and been reaped, as long as
+        # its orphans live. os.getpgid(pid) would fail exactly then.
+        pgid = self.proc.pid
         try:
-            pgid = os.getpgid(self.proc.pid)
+            os.killpg(pgid, signal.SIGTERM)  # ml.serving shuts LitServe down cleanly on SIGTERM
         except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGTERM)  # LitServe shuts down cleanly on SIGTERM
-            except ProcessLookupError:
-                pass
+            pass
         try:
             self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-        if pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGKILL)  # whatever is left of the group (workers, manager)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # whatever is left of the group (workers, manager)
+        except ProcessLookupError:
+            pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -73,7 +73,7 @@ def test_server_process_key_concurrency_worker_restart_and_shutdown(
     pgid = None
     try:
         srv.start()
-        pgid = os.getpgid(srv.proc.pid)
+        pgid = srv.proc.pid  # a session leader (start_new_session)
         out = srv.output()
         # The key is generated on first start, kept 0600, and printed (once) in full.
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -146,7 +146,7 @@ def test_server_process_key_concurrency_worker_restart_and_shutdown(
             raise AssertionError(f"worker not restarted: {client.health()}\n{srv2.output()}")
         assert client.infer(view_png, coarse_glb)[:4] == b"glTF"
 
-        pgid = os.getpgid(srv2.proc.pid)
+        pgid = srv2.proc.pid
         os.kill(srv2.proc.pid, signal.SIGTERM)
         rc = srv2.proc.wait(timeout=60)
         leftover = not _group_gone(pgid)

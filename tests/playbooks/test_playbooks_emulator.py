@@ -94,17 +94,20 @@ def test_playbooks_setup_sync_status_teardown(world, tmp_path):
     emu, pod_id = world["emu"], world["pod_id"]
     ws = emu.pod(pod_id).workspace
     site = sysconfig.get_paths()["purelib"]
+    def head() -> str:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    before = head()
     t0 = time.monotonic()
     r = fab(world, "setup", "--stack", STACK, "--python", base_python(), "--site-packages", site)
     first = time.monotonic() - t0
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert (ws / "kit" / ".revision").read_text().strip() == rev
+    assert (ws / "kit" / ".revision").read_text().strip() in (before, head())  # (others commit meanwhile)
     assert (ws / "venv" / ".ultrashape-deps").is_file()
     # The pod's venv imports the kit from /workspace/kit, with this machine's packages.
     t0 = time.monotonic()
     r = fab(world, "setup", "--stack", STACK)
     again = time.monotonic() - t0
-    assert "already" in r.stderr and "unchanged" in r.stderr, r.stderr
+    assert "unchanged" in r.stderr and ("already on" in r.stderr or head() != before), r.stderr
     print(f"setup: first {first:.1f} s, no change {again:.1f} s")
     assert again < 15, f"no-change setup took {again:.1f} s (first: {first:.1f} s)"
     log = (ws / "jobs" / "setup" / "log").read_text()
@@ -249,3 +252,23 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
     assert emu.pod(pod_id).status == "EXITED"
     r = fab(world, "teardown", "--stack", STACK)
     assert "already stopped" in r.stdout
+
+
+def test_playbooks_terminate_then_explain(world):
+    """Last: --terminate deletes the pod (its network volume and the data on it stay); then every task says
+    how to get a pod back instead of failing obscurely."""
+    emu, pod_id = world["emu"], world["pod_id"]
+    ws = emu.pod(pod_id).workspace
+    r = fab(world, "teardown", "--stack", STACK, "--terminate")  # not confirmed (no stdin): nothing happens
+    assert "not terminated" in r.stdout
+    r = fab(world, "teardown", "--stack", STACK, "--terminate", "--yes")
+    assert f"pod {pod_id} terminated" in r.stdout
+    assert not world["rp"].find_pods("ultrashape-a40") or all(
+        p.status == "TERMINATED" for p in world["rp"].find_pods("ultrashape-a40"))
+    assert (ws / "kit" / ".revision").is_file()  # the network volume keeps the data
+    r = fab(world, "status", "--stack", STACK)
+    assert "no pod" in r.stdout and "pulumi up --stack a40" in r.stdout
+    r = fab(world, "sync", "--stack", STACK, "--src", str(REPO / "configs"), check=False)
+    assert r.returncode != 0 and "pulumi up --stack a40" in r.stderr
+    r = fab(world, "teardown", "--stack", STACK)
+    assert "no pod" in r.stdout

@@ -7,7 +7,6 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from remote import TargetError, jobs
 from remote.stack import default_stack, target_for

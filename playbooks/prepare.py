@@ -10,7 +10,7 @@ from fabric import task
 
 from playbooks.common import INPUT, OUTPUT, STACK_HELP, WEIGHTS, config_path, py, run_job, say, since, target
 from remote import kit, sync as rsync
-from remote.target import REPO, Target
+from remote.target import Target
 
 SETUP_HELP = {
     "stack": STACK_HELP,

@@ -23,7 +23,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 

@@ -13,7 +13,7 @@ import pytest
 
 from remote import LocalTarget, TargetError
 from remote import jobs, sync
-from sshd_loopback import LoopbackSSHD, keygen
+from sshd_loopback import LoopbackSSHD
 
 pytestmark = pytest.mark.integration
 

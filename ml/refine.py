@@ -152,12 +152,42 @@ def sample_surface(mesh, n_uniform: int, n_sharp: int, rng: np.random.Generator,
     return uniform, np.concatenate([p, n], axis=1).astype(np.float32)
 
 
+def _area_weights(src: int, dst: int) -> np.ndarray:
+    """(dst, src) weights of OpenCV's INTER_AREA along one axis: pixel-area averaging when
+    shrinking; when enlarging, pixel replication with a linear blend across source-pixel borders."""
+    W = np.zeros((dst, src), dtype=np.float64)
+    if dst >= src:
+        scale, inv = src / dst, dst / src
+        for d in range(dst):
+            sx = int(np.floor(d * scale))
+            f = (d + 1) - (sx + 1) * inv
+            f = 0.0 if f <= 0 else f - np.floor(f)
+            W[d, min(sx, src - 1)] += 1 - f
+            W[d, min(sx + 1, src - 1)] += f
+    else:
+        scale = src / dst
+        for d in range(dst):
+            a, b = d * scale, (d + 1) * scale
+            for s_ in range(int(np.floor(a)), min(int(np.ceil(b)), src)):
+                W[d, s_] = (min(b, s_ + 1) - max(a, s_)) / scale
+    return W
+
+
+def _resize_area(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    """uint8 (H, W, C) -> (h, w, C), OpenCV INTER_AREA semantics (separable, rounded)."""
+    H, W_, C = img.shape
+    t = _area_weights(H, h) @ img.astype(np.float64).reshape(H, W_ * C)  # (h, W*C)
+    out = np.einsum("xj,yjc->yxc", _area_weights(W_, w), t.reshape(h, W_, C), optimize=True)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def preprocess_image(image, size: int = 1024, border_ratio: float = 0.15, name: str = "<image>"):
     """PIL image -> (image (1, 3, size, size) in [-1, 1], mask (1, 1, size, size) in {-1, 1}).
 
     Official ImageProcessorV2: crop to the alpha's bounding box, centre it in a square with
     `border_ratio` free border, composite on white, resize (area, then bicubic; nearest for the
-    mask). We use PIL's resamplers where the official uses OpenCV's, so pixels differ slightly.
+    mask), with OpenCV's resampling conventions reimplemented in numpy/torch (no OpenCV needed;
+    values agree up to rounding, see tests/ml/models/test_models_parity.py).
     An image without alpha goes through background removal (rembg) when it is installed."""
     from PIL import Image
 
@@ -185,15 +215,20 @@ def preprocess_image(image, size: int = 1024, border_ratio: float = 0.15, name: 
     desired = int(side * (1 - border_ratio))
     scale = desired / max(h, w)
     h2, w2 = int(h * scale), int(w * scale)
-    crop = Image.fromarray(rgba[y0:y1, x0:x1]).resize((w2, h2), Image.Resampling.BOX)
+    crop = _resize_area(rgba[y0:y1, x0:x1], w2, h2)
     canvas = np.zeros((side, side, 4), dtype=np.uint8)
     oy, ox = (side - h2) // 2, (side - w2) // 2
-    canvas[oy:oy + h2, ox:ox + w2] = np.asarray(crop)
+    canvas[oy:oy + h2, ox:ox + w2] = crop
     m = canvas[..., 3:].astype(np.float32) / 255.0
     rgb = (canvas[..., :3] * m + 255.0 * (1 - m)).clip(0, 255).astype(np.uint8)
     mask = (m[..., 0] * 255).clip(0, 255).astype(np.uint8)
-    rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
-    mask = np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
+    # OpenCV's conventions (what the official uses): bicubic with a = -0.75 (= torch's bicubic),
+    # nearest taking source pixel floor(i * src / dst)
+    t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False)
+    rgb = t.round().clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+    near = np.minimum((np.arange(size) * (side / size)).astype(np.int64), side - 1)
+    mask = mask[near][:, near]
     img_t = torch.from_numpy(rgb.copy()).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
     mask_t = torch.from_numpy(mask.copy()).float()[None, None] / 255.0 * 2 - 1
     return img_t, mask_t

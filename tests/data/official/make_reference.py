@@ -3,14 +3,15 @@
 This script is ours; it imports the official UltraShape 1.0 code from a checkout that is never part
 of this repository, instantiates the official modules, and writes:
   {vae,dit,conditioner}_keys.json   full-size parameter names and shapes (built on the meta device)
-  dit_tiny.pt, vae_tiny.pt, conditioner_tiny.pt, schedule.pt
+  dit_tiny.pt, vae_tiny.pt, conditioner_tiny.pt, schedule.pt, preprocess.pt (+ preprocess_input.png)
                                     tiny official models' random weights, inputs and outputs (CPU, fp32)
 tests/ml/models/test_models_parity.py loads those weights into our models and compares.
 
 Environment used (a scratch venv, not the project's):
   python -m venv /work/.devcache/offvenv      # + a .pth pointing at the project venv's site-packages
-  pip install --no-deps diffusers omegaconf antlr4-python3-runtime==4.9.3 torchvision==0.28.0 \\
-      transformers==4.37.2 tokenizers==0.15.2 huggingface_hub==0.20.3    # 4.37.2 = the official pin
+  pip install --no-deps diffusers==0.30.0 omegaconf antlr4-python3-runtime==4.9.3 torchvision==0.28.0 \\
+      transformers==4.37.2 tokenizers==0.15.2 huggingface_hub==0.24.6 torchdiffeq==0.2.5 \\
+      opencv-python-headless                # transformers 4.37.2 and diffusers 0.30.0 = the official pins
   git -C <mirror> archive HEAD ultrashape configs | tar x -C /work/.devcache/official
   : > ultrashape/__init__.py; : > ultrashape/models/__init__.py; : > ultrashape/models/autoencoders/__init__.py
       (those package __init__s pull in the whole training stack; we import the modules directly)
@@ -191,6 +192,20 @@ def main() -> None:
     torch.save({"sigmas": sched.sigmas.clone(), "timesteps": sched.timesteps.clone(), "x0": x0, "c": c,
                 "euler_cfg5_out": lat, "t": t_tr, "path_x0": a0, "path_x1": a1, "path_xt": xt, "path_ut": ut},
                out / "schedule.pt")
+    # ---- 6. image preprocessing (ImageProcessorV2: alpha crop, 15 % border, white background, resize) ----
+    from PIL import Image
+
+    from ultrashape.preprocessors import ImageProcessorV2
+
+    H, W = 180, 240
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    rgb = np.stack([xx / W * 255, yy / H * 255, (xx + yy) % 97 / 97 * 255], -1)
+    d = ((xx - 130) / 70) ** 2 + ((yy - 95) / 50) ** 2
+    alpha = np.clip((1.15 - d) / 0.3, 0, 1) * 255  # a soft-edged ellipse
+    rgba = np.concatenate([rgb, alpha[..., None]], -1).round().astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(out / "preprocess_input.png")
+    o = ImageProcessorV2(size=256)(Image.open(out / "preprocess_input.png"))
+    torch.save({"size": 256, "border_ratio": 0.15, "image": o["image"], "mask": o["mask"]}, out / "preprocess.pt")
     print("wrote", sorted(p.name for p in out.iterdir()))
 
 

@@ -165,3 +165,20 @@ def test_schedule_and_paths_match_official():
     xt, ut = interpolate(r["path_x0"], r["path_x1"], r["t"])
     close(xt, r["path_xt"], atol=1e-6)
     close(ut, r["path_ut"], atol=1e-6)
+
+
+def test_image_preprocessing_close_to_official():
+    """Same geometry as ImageProcessorV2 (crop box, border, centring, white background); pixel values
+    differ only by PIL's vs OpenCV's resampling filters."""
+    from PIL import Image
+
+    from ml.refine import preprocess_image
+
+    r = ref("preprocess.pt")
+    img, mask = preprocess_image(Image.open(REF / "preprocess_input.png"), r["size"], r["border_ratio"])
+    assert img.shape == r["image"].shape and mask.shape == r["mask"].shape
+    agree = ((mask > 0) == (r["mask"] > 0)).float().mean().item()
+    diff = (img - r["image"]).abs()
+    print(f"mask agreement {agree:.4f}; image mean abs diff {diff.mean():.4f}, max {diff.max():.3f} (range [-1, 1])")
+    assert agree > 0.99
+    assert diff.mean() < 0.02

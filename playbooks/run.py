@@ -34,6 +34,7 @@ TRAIN_HELP = {
     "stack": STACK_HELP,
     "config": "training config (default configs/train_dit_refine.yaml)",
     "tiny": "the CPU-sized configs for processing and training (configs/*-tiny.yaml)",
+    "process_config": "processing config when processing is needed (default configs/processing.yaml)",
     "src": "local meshes to sync first (default data/input; skipped if absent)",
     "limit": "sync only the first N meshes",
     "fresh": "start a new run even if an earlier one can be resumed",
@@ -95,7 +96,7 @@ def can_resume(t: Target) -> bool:
 
 @task(help=TRAIN_HELP)
 def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=False, follow=True, overrides="",
-          autostop=True, dry_run=False):
+          autostop=True, dry_run=False, process_config=None):
     """Do whatever is missing (setup, sync, process, weights), then train detached and follow it."""
     train_cfg = config_path("train", config, tiny)
     tiny = tiny or train_cfg.endswith("-tiny.yaml")
@@ -135,7 +136,7 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
         elif not t.exists(t.path(INPUT)):
             raise SystemExit(f"error: {src}: no meshes here and none on {t.name}; put meshes in {src} or pass --src DIR")
         if (synced is not None and synced.transferred > 0) or not processing_done(t):
-            do_process(t, config_path("processing", None, tiny))
+            do_process(t, config_path("processing", process_config, tiny))
         else:
             say(f"[{t.name}] process: data/output is up to date with data/input")
         w = needs_weights(train_cfg)

@@ -123,8 +123,11 @@ def infer(c, stack=None, image=None, mesh=None, ckpt=None, config=None, tiny=Fal
         cmd = py(t, "ml.refine", "--ckpt", model, "--config", cfg, "--image", r_image, "--mesh", r_mesh,
                  "--out", remote_out)
         run_job(t, "infer", cmd)
-        dest = Path(out) if out else Path(OUTPUTS) / "infer" / f"{stem}_refined.glb"
-        rsync.pull_file(t, t.path(remote_out), dest)
+        if out is None and t.kind == "local":
+            dest = Path(t.path(remote_out))  # already on this machine
+        else:
+            dest = Path(out) if out else Path(OUTPUTS) / "infer" / f"{stem}_refined.glb"
+            rsync.pull_file(t, t.path(remote_out), dest)
         print(f"refined mesh:   {dest.resolve()}")
         where = "" if t.kind == "local" else f" (on {t.name}; `fab fetch` brings the run home)"
         sheet = t.path(OUTPUT, "contact_sheet.png")

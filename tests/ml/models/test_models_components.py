@@ -290,3 +290,15 @@ def test_moe_every_expert_gives_idle_experts_zero_gradients():
     assert torch.equal(y, y2)
     grads = [e.net[0].proj.weight.grad for e in moe.experts]
     assert all(g is not None for g in grads) and sum(bool(g.abs().sum() == 0) for g in grads) == 2
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager():
+    dit = _dit()
+    g = torch.Generator().manual_seed(9)
+    x, t = torch.randn(2, 20, 8, generator=g), torch.rand(2, generator=g)
+    ctx, vox = torch.randn(2, 6, 32, generator=g), torch.randint(0, 128, (2, 20, 3), generator=g)
+    with torch.no_grad():
+        a = dit(x, t, ctx, vox)
+        b = dit.compile_kernels()(x, t, ctx, vox)
+    assert torch.allclose(a, b, atol=1e-5)

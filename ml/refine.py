@@ -294,8 +294,8 @@ class RefinePipeline:
                  image_name: str = "<image>", mesh_name: str = "<mesh>"):
         """Refined trimesh.Trimesh in the input mesh's frame.
 
-        image: PIL image (RGBA with transparent background preferred); mesh: trimesh.Trimesh/Scene
-        or a path. steps/guidance/octree_resolution/seed default to the config's refine settings."""
+        image: PIL image or path (RGBA with transparent background preferred); mesh: trimesh.Trimesh,
+        Scene or path. steps/guidance/octree_resolution/seed default to the config's refine settings."""
         import trimesh
 
         s = self.config.refine
@@ -309,7 +309,13 @@ class RefinePipeline:
             raise ValueError(f"octree_resolution must be >= 8, got {res}")
         vcfg = self.config.model.vae
         t0 = time.perf_counter()
-        mesh = load_mesh(mesh if not isinstance(mesh, (str, os.PathLike)) else mesh)
+        if isinstance(image, (str, os.PathLike)):
+            image_name, image = str(image), load_image(image)
+        if isinstance(mesh, (str, os.PathLike)):
+            mesh_name = str(mesh)
+        # the image first: it is the cheaper one to reject
+        img, mask = preprocess_image(image, s.image_size, s.border_ratio, image_name)
+        mesh = load_mesh(mesh)
         rng = np.random.default_rng(seed)
         centre, factor = normalization(mesh, s.normalize_scale)
         norm = trimesh.Trimesh((mesh.vertices - centre) * factor, mesh.faces, process=False)
@@ -318,7 +324,6 @@ class RefinePipeline:
         gen = torch.Generator().manual_seed(seed)
         _, voxel_idx = voxelize(pts, vcfg.num_latents, vcfg.voxel_query_res, gen)
         voxel_idx = voxel_idx.to(self.device)
-        img, mask = preprocess_image(image, s.image_size, s.border_ratio, image_name)
         self._sync()
         t1 = time.perf_counter()
 

@@ -144,6 +144,23 @@ def resolve_resume(arg: str, output_dir: Path, run_id: str | None) -> Path:
     return max(cands, key=lambda c: (c.parent / "latest").stat().st_mtime)
 
 
+def _steps_beside_params(engine) -> None:
+    """DeepSpeed's universal loader restores AdamW's per-parameter `step` as a CPU tensor; torch's fused AdamW
+    needs it on the parameter's device ("state_steps is on cpu, different from other tensors on cuda:0", seen
+    on the H100s when a 2-GPU checkpoint resumed on 1). Put every fused group's steps where their params are."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    if not isinstance(base, torch.optim.Optimizer):
+        return
+    for group in base.param_groups:
+        if not group.get("fused"):
+            continue
+        for p in group["params"]:
+            st = base.state.get(p)
+            if st and torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
 def saved_world_size(step_dir: Path) -> int:
     return int(read_trainer_state(step_dir)["world_size"])
 
@@ -178,6 +195,7 @@ def load(engine, step_dir: Path, rank: int, world_size: int, universal: Path | N
     )
     if path is None:
         raise ResumeError(f"{src}: DeepSpeed could not load this checkpoint (see the log above)")
+    _steps_beside_params(engine)
     client = read_trainer_state(step_dir)
     saved_ws = client.get("world_size", world_size)
     rng_file = step_dir / f"rng_rank{rank}.pt"

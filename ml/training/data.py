@@ -150,6 +150,8 @@ class RefineDataset(torch.utils.data.Dataset):
             raise KeyError(f"{uid}: not in {self.root / 'render.json'}")
         p = Path(self.renders[uid])
         bases = [p] if p.is_absolute() else [self.root / p, p]
+        # render.json may hold absolute paths of the machine that processed the data (synced elsewhere since)
+        bases.append(self.root / "renders" / uid)
         for b in bases:
             # ml.processing writes <dir>/rgba/; the official layout nests one more <name>/ level.
             for cand in (b / "rgba", b / b.name / "rgba"):

@@ -254,46 +254,13 @@ def make_graph_static(model: nn.Module) -> int:
 
 
 def run_every_expert(model: nn.Module) -> int:
-    """Make each MoE block call every expert in every forward, also experts that were routed no token.
-
-    Why: ml.models' MoE skips an expert with no tokens, so that expert's weights get no gradient in that
-    backward. With several ranks, ZeRO-2/3 reduce gradients in the order their hooks fire; a rank where an
-    expert was skipped fires a different sequence and the collectives no longer match (gloo: "Received data
-    size doesn't match expected size"; NCCL: a hang). Calling an expert on zero rows costs nothing and gives
-    its weights an all-zero gradient, so every rank fires every hook in the same order. The routing and the
-    result are unchanged (tests/ml/training/test_training_engine.py checks it against the model's own forward).
-    Returns the number of MoE blocks patched."""
-    import types
-
-    from ml.models.dit import MoE, _InjectAuxLoss
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        scores = torch.nn.functional.linear(flat, self.gate.weight).softmax(dim=-1)
-        topk_w, topk_idx = torch.topk(scores, self.top_k, dim=-1)
-        y = torch.zeros_like(flat)
-        order = topk_idx.flatten().argsort()
-        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()
-        tok = order // self.top_k
-        w = topk_w.flatten()[order].unsqueeze(-1)
-        start = 0
-        for e, n in enumerate(counts):  # no `if n:` -- the one difference
-            sel = tok[start:start + n]
-            y.index_add_(0, sel, (self.experts[e](flat[sel]) * w[start:start + n]).to(y.dtype))
-            start += n
-        y = y.view(shape)
-        if self.training and self.aux_alpha > 0:
-            E = len(self.experts)
-            f = torch.nn.functional.one_hot(topk_idx.flatten(), E).float().mean(0) * E
-            aux = (scores.float().mean(0) * f).sum() * self.aux_alpha
-            self.aux_loss = aux.detach()
-            y = _InjectAuxLoss.apply(y, aux)
-        return y + self.shared_experts(x)
+    """Switch on ml.models' MoE.every_expert: experts routed no token still run (on zero rows), so their
+    weights get zero gradients instead of none. Same routing, same output. Returns the number of MoE blocks."""
+    from ml.models.dit import MoE
 
     n = 0
     for m in model.modules():
         if isinstance(m, MoE):
-            m.forward = types.MethodType(forward, m)
+            m.every_expert = True
             n += 1
     return n

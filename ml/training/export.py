@@ -80,7 +80,7 @@ def export_run(tr: "Trainer") -> Path | None:
         write_json(tr.run_dir / "export" / "export.json",
                    {"file": EXPORT_NAME, "step": tr.step, "run_id": cfg.run.run_id, "dtype": cfg.train.export_dtype,
                     "base_weights": str(cfg.model.weights), "lora_merged": cfg.model.lora.enabled,
-                    "load": f"python -m ml.refine --weights {path}"})
+                    "load": f"python -m ml.refine --ckpt {path} --config configs/infer_dit_refine.yaml ..."})
         log.info("exported %s (step %d)", path, tr.step)
     if dist.is_initialized():
         dist.barrier()

@@ -189,6 +189,8 @@ class Trainer:
         win_t0, win_steps, win_loss, win_n = time.time(), 0, 0.0, 0
         last_saved = self.step if self.resume_dir else -1
         tokens_per_sample = None
+        if self.resume_dir is None and self.step == 0 and t.val_every:
+            self.validate()  # the curve's starting point: the loaded weights before any update
         eng.train()
         if self.is_main:
             log.info("training %s: steps %d -> %d, %d samples/step (%d x %d accum x %d ranks)", self.run_dir, self.step,

@@ -286,7 +286,7 @@ def main() -> None:
             noise = last["noise"]
 
             def fn(xx, t, branch):
-                xx, t = xx.to(dtype), t.to(dtype)
+                xx = xx.to(dtype)
                 if branch == "both":
                     return models.dit(xx, t, both, pv2, bmask)
                 return models.dit(xx, t, cond if branch == "cond" else torch.zeros_like(cond), pv,

@@ -340,8 +340,7 @@ class RefinePipeline:
         t2 = time.perf_counter()
 
         def velocity(x, t, branch):
-            x = x.to(self.dtype)
-            t = t.to(self.dtype)
+            x = x.to(self.dtype)  # t stays float32: the timestep embedding is computed in float32
             if branch == "both":
                 return m.dit(x, t, both, vox2, both_mask)
             c, cm = (cond, cond_mask) if branch == "cond" else (uncond, None)

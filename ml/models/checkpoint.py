@@ -75,7 +75,6 @@ def materialize(models: UltraShapeModels, device: str | torch.device = "cpu") ->
     for m in models.parts().values():
         m.to_empty(device=device)
     models.vae.fourier_embedder.reset_buffers()
-    models.conditioner.reset_buffers()
     return models
 
 

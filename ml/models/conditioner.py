@@ -107,16 +107,9 @@ class ImageConditioner(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.main_image_encoder = _Encoder(cfg)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         # which naming the installed transformers uses for the attention projections
         own = self.main_image_encoder.model.state_dict().keys()
         self._renamed = any(".attention.q_proj." in k for k in own)
-
-    def reset_buffers(self):  # after building on the meta device (not in the state dict)
-        dev = self.mean.device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
 
     # ---- official key names, whatever transformers is installed ----
     def official_state_dict(self) -> dict[str, torch.Tensor]:
@@ -156,7 +149,10 @@ class ImageConditioner(nn.Module):
         dtype = next(model.parameters()).dtype
         x = (image.float() + 1.0) / 2.0
         x = self._resize_center(x, "bilinear")
-        x = ((x - self.mean) / self.std).to(dtype)
+        # normalisation constants made here in float32 (as buffers, a .to(bfloat16) would round them)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        x = ((x - mean) / std).to(dtype)
         h = model(pixel_values=x).last_hidden_state  # (B, 1 + P, hidden)
         if not cfg.use_cls_token:
             h = h[:, 1:]

@@ -28,7 +28,9 @@ ShapeVAE (ml/models/vae.py)
         K = min(num_latents, fewest occupied voxels in the batch) -- may be < num_latents.
     tokens = vae.decode(z)                    (B, K, width)
     logits = vae.query(tokens, points)        occupancy logits, > 0 inside
-    verts, faces = vae.to_mesh(tokens[:1], octree_resolution=1024, bounds=1.0)  closed, outward
+    verts, faces = vae.to_mesh(tokens[:1], octree_resolution=1024, bounds=1.0, flashvdm=False)
+        closed, outward-facing mesh in [-bounds, bounds]^3; flashvdm=True is the official decoding
+        (top third of the tokens per chunk of queries: ~2x faster, slightly different numbers)
     voxelize(points, max_tokens, resolution, generator) -> (centres, voxel_idx)
 
 RefineDiT (ml/models/dit.py)
@@ -39,6 +41,11 @@ RefineDiT (ml/models/dit.py)
     dit.moe_aux_loss()  sum of the last training forward's MoE load-balancing losses (detached,
         for logging). Its gradient is already injected through the MoE outputs, as officially:
         do not add it to the loss yourself.
+    block.moe.every_expert = True   call experts that got no tokens too (zero gradients), so every
+        data-parallel rank fires the same gradient hooks
+    dit.compile_kernels()   torch.compile the q/k norm + RoPE (same numbers)
+    Rows whose context is all zeros (unconditional / CFG-dropped) skip the cross-attention, whose
+    output there is exactly out_proj.bias.
 
 ImageConditioner (ml/models/conditioner.py)
     tokens, token_mask = conditioner(image, mask=None, disable_drop=True, generator=None)

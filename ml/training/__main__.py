@@ -34,9 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from ml.training.checkpoint import ResumeError
+    from ml.training.data import DatasetLayoutError
     from ml.training.trainer import Trainer
 
-    trainer = Trainer(cfg, args.config, args.resume, ["-m", "ml.training"] + argv)
+    try:
+        trainer = Trainer(cfg, args.config, args.resume, ["-m", "ml.training"] + argv)
+    except (ConfigError, ResumeError, DatasetLayoutError) as e:  # user errors: the message says the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run_dir = trainer.fit()
     if trainer.is_main:
         print(f"done: {run_dir}")

@@ -256,6 +256,10 @@ def make_loader(ds: RefineDataset, order: DataOrder, start: int, num_workers: in
             persistent_workers=False,
             prefetch_factor=2 if num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG,
+            # so a resumed run (new iterator after the RNG is restored) would shift every later random draw.
+            # All our sample randomness comes from (seed, epoch, index) anyway.
+            generator=torch.Generator().manual_seed(0),
         )
     )
 

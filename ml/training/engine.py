@@ -182,27 +182,30 @@ def enable_activation_checkpointing(model: nn.Module, max_blocks: int | None = N
 
 
 # ----------------------------------------------------------------------------- LoRA
-class LoRALinear(nn.Linear):
-    """nn.Linear with a frozen base weight and a trainable low-rank update B @ A (scale alpha / r).
-    It keeps `weight`/`bias` as a Linear does, so the base keys of the state dict keep their names."""
+class LoRALinear(nn.Module):
+    """A Linear whose `weight` is base + (B @ A) * alpha/r, with the base frozen and A, B trained.
+
+    `weight` is computed, not stored, so code that reads `.weight` directly (the DiT's self-attention
+    concatenates to_q/to_k/to_v weights into one matmul) sees the adapted weight too. The frozen base is
+    `base_weight`; merge_lora_state_dict() folds it back into the released `weight` key."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        self.base_weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: training starts exactly at the base model
         self.scale = alpha / rank
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_weight + (self.lora_B @ self.lora_A) * self.scale
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight + (self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype) * self.scale
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> int:
@@ -221,10 +224,17 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) ->
 
 def merge_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with every adapter folded into its base weight and no lora_* keys: the released layout."""
-    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    return merge_lora_tensors(dict(model.state_dict()), model)
+
+
+def merge_lora_tensors(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold `<m>.base_weight + <m>.lora_B @ <m>.lora_A * scale` into `<m>.weight` for every LoRALinear of `model`."""
+    sd = dict(sd)
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            sd[f"{name}.weight"] = m.merged_weight().detach()
+            a, b = sd.pop(f"{name}.lora_A").float(), sd.pop(f"{name}.lora_B").float()
+            base = sd.pop(f"{name}.base_weight")
+            sd[f"{name}.weight"] = (base.float() + (b @ a) * m.scale).to(base.dtype)
     return sd
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ml.config import to_dict
 from ml.models.checkpoint import build_models, export_official, load_checkpoint, materialize
 from ml.training.checkpoint import write_json
-from ml.training.engine import LoRALinear
+from ml.training.engine import merge_lora_tensors
 
 if TYPE_CHECKING:
     from ml.training.trainer import Trainer
@@ -51,11 +51,7 @@ def gather_full_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.T
         if name in dict(module.state_dict(keep_vars=True)):
             out[name] = b.detach().cpu()
     # fold adapters into their base weights: the exported DiT has exactly the released keys
-    for name, m in module.named_modules():
-        if isinstance(m, LoRALinear):
-            a, bmat = out.pop(f"{name}.lora_A"), out.pop(f"{name}.lora_B")
-            out[f"{name}.weight"] = out[f"{name}.weight"] + (bmat @ a) * m.scale
-    return out
+    return merge_lora_tensors(out, module)
 
 
 def export_run(tr: "Trainer") -> Path | None:

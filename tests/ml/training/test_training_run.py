@@ -169,3 +169,23 @@ def test_resume_refuses_changed_architecture(synthetic, tmp_path):
                                  resume="latest"),
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "model.arch" in p.stderr and "Start a new run" in p.stderr
+
+
+def test_lora_run_exports_the_released_key_set(synthetic, tmp_path):
+    out = tmp_path / "out"
+    run(train_cmd(synthetic, out, "model.lora.enabled=true", "train.max_steps=3", "train.val_every=0",
+                  "optim.warmup_steps=1", "run.run_id=r", "optim.lr=0.05"))
+    from ml.models.checkpoint import build_models, load_checkpoint
+    from ml.training.config import TrainConfig
+    from ml.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "train_dit_refine-tiny.yaml", TrainConfig)
+    models = build_models(cfg.model.arch)
+    load_checkpoint(models, out / "r" / "export" / "ultrashape.pt")  # strict: no lora_* keys, nothing missing
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        init = build_models(cfg.model.arch).dit.state_dict()
+    sd = models.dit.state_dict()
+    # adapted layers moved, the rest (frozen under LoRA) is exactly the starting point
+    assert not torch.equal(sd["blocks.0.attn1.to_q.weight"], init["blocks.0.attn1.to_q.weight"])
+    assert torch.equal(sd["x_embedder.weight"], init["x_embedder.weight"])

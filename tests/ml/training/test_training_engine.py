@@ -1,0 +1,148 @@
+"""Engine pieces on the real tiny RefineDiT (no DeepSpeed process group needed): LR schedule, DeepSpeed config,
+LoRA, activation checkpointing, the static-graph patch for data parallelism, and the shipped configs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ml.config import ConfigError, load_config
+from ml.models.checkpoint import build_models
+from ml.training.config import TrainConfig
+from ml.training.engine import (apply_lora, deepspeed_config, enable_activation_checkpointing, lr_factor,
+                                make_graph_static, merge_lora_state_dict)
+from training_fixtures import ROOT, TINY
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def cfg() -> TrainConfig:
+    return load_config(TINY, TrainConfig)
+
+
+def _dit(cfg, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_models(cfg.model.arch).dit
+
+
+def _inputs(cfg, n=24, zero_ctx=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.model.arch.dit
+    x = torch.randn(2, n, d.in_channels, generator=g)
+    vidx = torch.randint(0, 32, (2, n, 3), generator=g)
+    ctx = torch.randn(2, 7, d.context_dim, generator=g)
+    if zero_ctx:
+        ctx[0] = 0  # a CFG-dropped sample
+    return x, torch.rand(2, generator=g), ctx, vidx
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    f = [lr_factor(s, 10, 100, 1e-6, 1e-3) for s in range(0, 101)]
+    assert f[0] == pytest.approx(1e-6) and f[10] == pytest.approx(1.0) and f[100] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))  # rising warm-up
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then only falling
+    assert f[55] == pytest.approx(1e-3 + 0.5 * (1 - 1e-3), rel=1e-6)  # cosine midpoint
+
+
+def test_deepspeed_config_from_train_config(cfg):
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 1 * 2 * 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
+    d = replace(cfg.deepspeed, zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16")
+    ds = deepspeed_config(replace(cfg, deepspeed=d), world_size=1)
+    z = ds["zero_optimization"]
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["optimizer"]["type"] == "AdamW"
+    ds = deepspeed_config(replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=0, precision="autocast")), 1)
+    assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="precision: autocast"):
+        deepspeed_config(replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=0, precision="bf16")), 1)
+
+
+def test_config_validation_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="offload_param"):
+        load_config(TINY, TrainConfig, {"deepspeed.offload_param": True})
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config(TINY, TrainConfig, {"train.max_steps": 3})
+    with pytest.raises(ConfigError, match="did you mean 'train.grad_accum'"):
+        load_config(TINY, TrainConfig, {"train.grad_acum": 2})
+
+
+def test_shipped_configs_match_the_inference_architectures():
+    from ml.refine import InferConfig
+
+    for train, infer in (("train_dit_refine.yaml", "infer_dit_refine.yaml"),
+                         ("train_dit_refine-tiny.yaml", "infer_dit_refine-tiny.yaml")):
+        t = load_config(ROOT / "configs" / train, TrainConfig).model.arch
+        i = load_config(ROOT / "configs" / infer, InferConfig).model
+        # the weights are the same networks; only the training token budget differs
+        assert replace(t, vae=replace(t.vae, num_latents=i.vae.num_latents)) == i, train
+    full = load_config(ROOT / "configs" / "train_dit_refine.yaml", TrainConfig)
+    assert full.model.arch.vae.num_latents == 8192 and full.data.pc_size == 163840  # official training sizes
+    assert full.optim.lr == 1e-5 and full.train.grad_accum == 4 and full.model.cfg_drop == 0.1
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(cfg):
+    dit = _dit(cfg)
+    x, t, ctx, vidx = _inputs(cfg)
+    with torch.no_grad():
+        base = dit(x, t, ctx, vidx)
+    n = apply_lora(dit, rank=4, alpha=4.0, targets=["to_q", "to_k", "to_v", "out_proj", "fc1", "fc2"])
+    assert n > 0
+    trainable = {k for k, p in dit.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in k for k in trainable)
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, ctx, vidx), base)  # B = 0: the adapters start as a no-op
+        for name, p in dit.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+        adapted = dit(x, t, ctx, vidx)
+    assert not torch.allclose(adapted, base)
+    merged = _dit(cfg, seed=5)
+    merged.load_state_dict(merge_lora_state_dict(dit), strict=True)  # the released key set, adapters folded in
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, ctx, vidx), adapted, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="match no nn.Linear"):
+        apply_lora(_dit(cfg), 4, 4.0, ["nope"])
+
+
+def test_activation_checkpointing_same_gradients_same_keys(cfg):
+    a, b = _dit(cfg), _dit(cfg)
+    keys = list(b.state_dict())
+    assert enable_activation_checkpointing(b, max_blocks=2) == 2
+    assert enable_activation_checkpointing(_dit(cfg)) == cfg.model.arch.dit.depth
+    assert list(b.state_dict()) == keys
+    x, t, ctx, vidx = _inputs(cfg)
+    for m in (a, b):
+        torch.manual_seed(0)
+        m(x, t, ctx, vidx).square().mean().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_static_graph_same_output_and_every_parameter_gets_a_gradient(cfg):
+    # one token routed to 2 of 4 experts, and an all-zero context: ml.models skips work for both
+    x, t, ctx, vidx = _inputs(cfg, n=1, zero_ctx=True)
+    ctx[1] = 0
+    plain, static = _dit(cfg), _dit(cfg)
+    assert make_graph_static(static) > 0
+    outs = []
+    for m in (plain, static):
+        torch.manual_seed(0)
+        y = m(x, t, ctx, vidx)
+        y.square().mean().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    missing_plain = [n for n, p in plain.named_parameters() if p.grad is None]
+    missing_static = [n for n, p in static.named_parameters() if p.grad is None]
+    assert missing_plain, "the test must exercise skipped work (empty experts / zero context)"
+    assert missing_static == []
+    for (n, pa), (_, pb) in zip(plain.named_parameters(), static.named_parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+        else:
+            assert not pb.grad.any(), n  # skipped work gets exactly zero gradient

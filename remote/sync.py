@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -92,8 +93,16 @@ def _parse_stats(text: str) -> SyncResult:
                     return 0
         return 0
 
+    def regular_files() -> int:
+        # "Number of files: 5 (reg: 4, dir: 1)": the total counts folders too; we report files.
+        for line in text.splitlines():
+            m = re.search(r"reg: ([\d,.]+)", line) if line.startswith("Number of files:") else None
+            if m:
+                return int(re.sub(r"[,.]", "", m.group(1)))  # thousands separators
+        return num("Number of files:")
+
     return SyncResult(
-        files=num("Number of files:"),
+        files=regular_files(),
         transferred=num("Number of regular files transferred:"),
         bytes_sent=num("Total bytes sent:"),
     )

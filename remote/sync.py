@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -57,10 +58,22 @@ def select_files(src: Path, limit: int | None = None, suffixes: tuple[str, ...] 
     return rels
 
 
+@functools.lru_cache(maxsize=1)
+def rsync_version() -> tuple[int, int]:
+    """The local rsync's (major, minor); macOS ships 2.6.9 (or openrsync), which lacks --info."""
+    try:
+        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise TargetError("rsync is not installed here: apt-get install rsync (Linux) or brew install rsync (macOS)") from e
+    m = re.search(r"version\s+(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def _rsync(args: list[str], progress: bool) -> SyncResult:
     cmd = ["rsync", "-a", "--partial", f"--partial-dir={PARTIAL_DIR}", "--stats", *args]
     if progress and sys.stderr.isatty():
-        cmd.insert(1, "--info=progress2")
+        # One overall progress line (rsync >= 3.1); older ones print a line per file instead.
+        cmd.insert(1, "--info=progress2" if rsync_version() >= (3, 1) else "--progress")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out_lines = []
     assert p.stdout is not None
@@ -103,7 +116,8 @@ def _parse_stats(text: str) -> SyncResult:
 
     return SyncResult(
         files=regular_files(),
-        transferred=num("Number of regular files transferred:"),
+        # rsync 3 says "regular files transferred"; 2.6 (macOS) says "files transferred".
+        transferred=num("Number of regular files transferred:") or num("Number of files transferred:"),
         bytes_sent=num("Total bytes sent:"),
     )
 

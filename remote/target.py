@@ -239,8 +239,10 @@ class SSHTarget(Target):
         self.identity = identity
         self.host_key_alias = host_key_alias or f"ultrashape-{name}"
         self.known_hosts = Path(known_hosts) if known_hosts else state_dir() / "known_hosts"
-        # %C is a hash of host, port and user: short enough for the 104-byte socket path limit.
-        self._control = Path(tempfile.gettempdir()) / f"ultrashape-ssh-{os.getuid()}"
+        # %C is a 40-character hash of host, port and user; /tmp rather than $TMPDIR, which on macOS is a
+        # long /var/folders/... path that would push the socket past the 104-byte limit.
+        tmp = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+        self._control = tmp / f"ultrashape-ssh-{os.getuid()}"
         self._opened = False
         self._owns_master = False
 

@@ -127,7 +127,9 @@ class Trainer:
         n_all = sum(p.numel() for p in dit.parameters())
         log.info("DiT: %.2f M parameters, %.2f M trainable", n_all / 1e6, n_train / 1e6)
         universal = None
-        if self.resume_dir is not None and ckpt.saved_world_size(self.resume_dir) != self.world:
+        if (self.resume_dir is not None and cfg.deepspeed.zero_stage >= 1
+                and ckpt.saved_world_size(self.resume_dir) != self.world):
+            # ZeRO cuts the optimizer state per rank; without ZeRO every rank saved (rank 0 wrote) all of it
             universal = ckpt.ensure_universal(self.resume_dir, self.rank)
         self.engine = build_engine(dit, cfg, self.world, load_universal=universal is not None)
 
@@ -196,13 +198,20 @@ class Trainer:
             log.info("training %s: steps %d -> %d, %d samples/step (%d x %d accum x %d ranks)", self.run_dir, self.step,
                      t.max_steps, samples_per_step, t.micro_batch, t.grad_accum, self.world)
         while self.step < t.max_steps:
-            for _ in range(t.grad_accum):
+            own_norm = None
+            for m_i in range(t.grad_accum):
                 batch = self._next_batch(it)
                 count = self.flops_per_sample is None
                 loss = self.models.loss(eng, batch, train=True, count_flops=count)
                 if count:
                     self.flops_per_sample = self.models.train_flops_per_sample()
                 eng.backward(loss)
+                logs_next = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+                if m_i == t.grad_accum - 1 and logs_next and cfg.deepspeed.zero_stage == 0:
+                    # Without ZeRO, DeepSpeed clips but keeps no norm; gradients are already averaged over
+                    # ranks here (the boundary backward all-reduces), so this is the pre-clip global norm.
+                    own_norm = float(torch.nn.utils.get_total_norm(
+                        [p.grad for p in self.models.dit.parameters() if p.grad is not None]))
                 eng.step()
                 win_loss += float(loss.detach())
                 win_n += 1
@@ -225,7 +234,7 @@ class Trainer:
                 loss_avg = _all_sum(win_loss / max(win_n, 1), self.device) / self.world
                 rec = {
                     "kind": "train", "step": self.step, "max_steps": t.max_steps, "loss": loss_avg,
-                    "lr": float(eng.get_lr()[0]), "grad_norm": _f(eng.get_global_grad_norm()),
+                    "lr": float(eng.get_lr()[0]), "grad_norm": own_norm if own_norm is not None else _f(eng.get_global_grad_norm()),
                     "moe_aux_loss": self.models.moe_aux_loss(),
                     "samples_per_s": sps, "tokens_per_s": sps * (tokens_per_sample or 0),
                     "step_time_s": dt / win_steps,

@@ -38,12 +38,13 @@ def test_seed_plan_reproduces_the_stated_total(cfg):
 
 
 def test_each_kit_choice_lowers_the_bill_and_the_kit_meets_the_goal(cfg):
-    rows = cost_table(cfg)
-    totals = [usd for _, _, usd in rows]
-    assert all(b < a for a, b in zip(totals, totals[1:])), totals
-    assert totals[-1] <= cfg.goal_usd
-    # Even at the seed's processing speed (the kit's own speed not counted) the goal holds.
-    assert totals[-2] <= cfg.goal_usd
+    rows = {sc.name: usd for sc, _, usd in cost_table(cfg)}
+    names = [sc.name for sc in SCENARIOS]
+    for before, after in [(0, 1), (1, 2), (2, 3), (4, 5)]:  # volume, CPU pod, autostop, processing speed
+        assert rows[names[after]] < rows[names[before]], (names[after], rows)
+    # The kit's measured training step (0.759 s on an H100) is slower than the official 0.52 s: a cost, shown.
+    assert rows[names[4]] > rows[names[3]]
+    assert rows[names[-1]] <= cfg.goal_usd
 
 
 def test_seed_processes_on_the_gpu_pod_and_kit_on_a_cpu_pod(cfg):
@@ -156,5 +157,6 @@ def test_readme_table_matches_the_model(cfg, repo_root):
     for sc, lines, usd in cost_table(cfg):
         assert f"${usd:.2f}" in section, f"README billing table lacks {sc.name}: ${usd:.2f} (run bench/cost_model.py)"
         if prev is not None:
-            assert f"−{prev - usd:.2f}" in section, f"README lacks the change for {sc.name}"
+            change = f"−{prev - usd:.2f}" if usd < prev else f"+{usd - prev:.2f}"
+            assert change in section, f"README lacks the change {change} for {sc.name}"
         prev = usd

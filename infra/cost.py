@@ -387,9 +387,11 @@ def estimate_run(
         if not runs:
             raise CostError(f"no step time for '{gpu}': measure one (bench/train_step.py) or add a run for it in "
                             f"{DEFAULT_COST_CONFIG}")
-        step_time_s = runs[0].step_time_s * samples_per_step / max(1, gpu_count)
-        step_time_source = (f"not measured: {runs[0].step_time_s:g} s per sample from configs/cost.yaml"
-                            + (f" x {samples_per_step}" if samples_per_step != 1 else ""))
+        per_sample = runs[0].kit_step_time_s or runs[0].step_time_s
+        what = ("ml.training's bench figure" if runs[0].kit_step_time_s else "the model's figure, not measured")
+        step_time_s = per_sample * samples_per_step / max(1, gpu_count)
+        step_time_source = (f"{per_sample:g} s per sample, {what}, configs/cost.yaml"
+                            + (f"; x {samples_per_step}" if samples_per_step != 1 else ""))
     storage = (cfg.prices.network_volume_month(volume_gb) if network_volume
                else volume_gb * cfg.prices.pod_volume_stopped_usd_per_gb_month)
     vcpus = cfg.prices.gpu_pod_vcpus.get(gpu, 8)

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = trainer.fit()
+    if trainer.interrupted:
+        if trainer.is_main:
+            print(f"stopped by signal {trainer.interrupted} at step {trainer.step}: {run_dir} (resume with --resume)")
+        return 128 + int(trainer.interrupted)
     if trainer.is_main:
         print(f"done: {run_dir}")
     return 0

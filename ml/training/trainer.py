@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -185,6 +186,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
+        self.interrupted = 0
+        self._signal = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
         eng = self.engine
         it = make_loader(self.train_ds, self.order, self.micro, cfg.data.num_workers)
         samples_per_step = t.micro_batch * t.grad_accum * self.world
@@ -223,9 +228,9 @@ class Trainer:
                 raise RuntimeError(f"DeepSpeed made {eng.global_steps} optimizer steps, expected {self.step}: "
                                    "accumulation boundary out of sync")
             win_steps += 1
-            self._check_broken()
+            stop = self._sync_step()
 
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.step % t.log_every == 0 or self.step == t.max_steps or stop:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 dt = time.time() - win_t0
@@ -253,6 +258,14 @@ class Trainer:
                     torch.cuda.reset_peak_memory_stats()
                 win_t0, win_steps, win_loss, win_n = time.time(), 0, 0.0, 0
 
+            if stop:
+                # SIGTERM (pod stop, `kill`) or Ctrl-C: finish here with a checkpoint; --resume continues exactly
+                log.warning("signal %d: saving step %d and stopping (resume with --resume)", stop, self.step)
+                if last_saved != self.step:
+                    self.save()
+                self.logger.close()
+                self.interrupted = stop
+                return self.run_dir
             if t.val_every and self.step % t.val_every == 0 and self.step != t.max_steps:
                 self.validate()
                 win_t0 = time.time()
@@ -275,8 +288,21 @@ class Trainer:
             dist.barrier()
         return self.run_dir
 
-    def _check_broken(self) -> None:
-        n_new = _all_sum(len(self.broken), self.device)
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+
+    def _sync_step(self) -> int:
+        """One collective per optimizer step: broken-sample count and whether any rank got a stop signal."""
+        t = torch.tensor([float(len(self.broken)), float(self._signal)], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        self._check_broken(float(t[0]))
+        if float(t[1]) > 0:  # this rank's signal, or another rank's (then say SIGTERM)
+            return int(self._signal or signal.SIGTERM)
+        return 0
+
+    def _check_broken(self, n_new: float) -> None:
         self.broken.clear()
         self.broken_total += n_new
         limit = self.cfg.data.max_broken_fraction * len(self.train_ds)

@@ -189,3 +189,27 @@ def test_lora_run_exports_the_released_key_set(synthetic, tmp_path):
     # adapted layers moved, the rest (frozen under LoRA) is exactly the starting point
     assert not torch.equal(sd["blocks.0.attn1.to_q.weight"], init["blocks.0.attn1.to_q.weight"])
     assert torch.equal(sd["x_embedder.weight"], init["x_embedder.weight"])
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(synthetic, tmp_path):
+    out = tmp_path / "out"
+    cmd = train_cmd(synthetic, out, "train.max_steps=500", "train.ckpt_every=1000", "train.log_every=1",
+                    "train.val_every=0", "optim.warmup_steps=1", "run.run_id=r")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "r" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    last = [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"][-1]
+    latest = (out / "r" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{last:07d}" and last < 500  # the step it stopped at, not a ckpt_every multiple
+    assert "resume with --resume" in stdout

@@ -183,15 +183,6 @@ def propagate_band(V, F, dist, tri, frontier, band):
 
 
 # ----------------------------------------------------------------------------- outside flood fill
-@njit(cache=True, inline="always")
-def _is_out(state, has, cout, B, i, j, k):
-    # points of an empty block flooded at block level are outside without being painted point by point
-    if state[i, j, k] == 2:
-        return True
-    bi, bj, bk = i // B, j // B, k // B
-    return has[bi, bj, bk] == 0 and cout[bi, bj, bk] == 1
-
-
 @njit(cache=True)
 def flood_outside(dist, band_idx, thr, B, state):
     """Returns (state, has, cout). state per point: 0 = enclosed, 1 = blocked (dist < thr), 2 = outside
@@ -250,6 +241,21 @@ def flood_outside(dist, band_idx, thr, B, state):
                 cout[aa, bb, cc] = 1
                 stack[sp] = (aa * nb + bb) * nb + cc
                 sp += 1
+    # paint the outside empty blocks next to surface blocks point by point: from here on, for any point
+    # within one block of the surface, "outside" is simply state == 2 (no block lookups in the hot loops)
+    for a in range(nb):
+        for b in range(nb):
+            for c in range(nb):
+                if cout[a, b, c] == 0:
+                    continue
+                touch = False
+                for x in range(max(a - 1, 0), min(a + 2, nb)):
+                    for y in range(max(b - 1, 0), min(b + 2, nb)):
+                        for z in range(max(c - 1, 0), min(c + 2, nb)):
+                            if has[x, y, z]:
+                                touch = True
+                if touch:
+                    state[a * B : min(n, a * B + B), b * B : min(n, b * B + B), c * B : min(n, c * B + B)] = 2
     # seed the point flood: free points of surface blocks on the grid boundary or next to an outside point
     pstack = np.empty(1 << 20, np.int64)
     sp = 0
@@ -266,12 +272,12 @@ def flood_outside(dist, band_idx, thr, B, state):
                             touch = i == 0 or j == 0 or k == 0 or i == n - 1 or j == n - 1 or k == n - 1
                             if not touch:
                                 touch = (
-                                    _is_out(state, has, cout, B, i - 1, j, k)
-                                    or _is_out(state, has, cout, B, i + 1, j, k)
-                                    or _is_out(state, has, cout, B, i, j - 1, k)
-                                    or _is_out(state, has, cout, B, i, j + 1, k)
-                                    or _is_out(state, has, cout, B, i, j, k - 1)
-                                    or _is_out(state, has, cout, B, i, j, k + 1)
+                                    state[i - 1, j, k] == 2
+                                    or state[i + 1, j, k] == 2
+                                    or state[i, j - 1, k] == 2
+                                    or state[i, j + 1, k] == 2
+                                    or state[i, j, k - 1] == 2
+                                    or state[i, j, k + 1] == 2
                                 )
                             if touch:
                                 state[i, j, k] = 2
@@ -298,144 +304,177 @@ def flood_outside(dist, band_idx, thr, B, state):
                 kk += 1
             if ii < 0 or jj < 0 or kk < 0 or ii >= n or jj >= n or kk >= n:
                 continue
-            if state[ii, jj, kk] == 0 and not _is_out(state, has, cout, B, ii, jj, kk):
+            if state[ii, jj, kk] == 0:  # painted blocks are 2; unpainted outside blocks are unreachable
                 state[ii, jj, kk] = 2
                 pstack, sp = _push(pstack, sp, (ii * n + jj) * n + kk)
     return has, cout
 
 
+@njit(cache=True, inline="always")
+def _nb(idx, s, n):
+    """Flat index of the s-th 6-neighbour of idx, or -1 outside the grid."""
+    k = idx % n
+    j = (idx // n) % n
+    i = idx // (n * n)
+    if s == 0:
+        return idx - n * n if i > 0 else -1
+    if s == 1:
+        return idx + n * n if i < n - 1 else -1
+    if s == 2:
+        return idx - n if j > 0 else -1
+    if s == 3:
+        return idx + n if j < n - 1 else -1
+    if s == 4:
+        return idx - 1 if k > 0 else -1
+    return idx + 1 if k < n - 1 else -1
+
+
+@njit(cache=True, inline="always")
+def _is_out_flat(sflat, has, cout, B, n, idx):
+    if sflat[idx] == 2:
+        return True
+    k = idx % n
+    j = (idx // n) % n
+    i = idx // (n * n)
+    bi, bj, bk = i // B, j // B, k // B
+    return has[bi, bj, bk] == 0 and cout[bi, bj, bk] == 1
+
+
 @njit(cache=True)
-def grow_outside(state, dist, has, cout, near, B, level, steps):
+def grow_outside(state, dist, has, cout, B, level, steps, band_idx):
     """Hole closing, second half: the flood ran against a thicker wall (dist < level + steps); give the
     outside back the `steps` voxel layers it could not enter, wherever dist >= level (unset dist = far).
     A hole narrower than about 2 * (level + steps) voxels stays closed, capped `steps` voxels deep.
-    Only blocks in `near` (surface blocks and their neighbours) can change."""
+    Layer 1 can only be band points; each next layer is a neighbour of the last one."""
     n = state.shape[0]
-    nb = near.shape[0]
+    sflat = state.reshape(-1)
+    dflat = dist.reshape(-1)
+    cand = band_idx
     for _ in range(steps):
         grow = np.empty(1 << 16, np.int64)
         m = 0
-        for a in range(nb):
-            for b in range(nb):
-                for c in range(nb):
-                    if near[a, b, c] == 0:
-                        continue
-                    for i in range(max(a * B, 1), min(n - 1, a * B + B)):
-                        for j in range(max(b * B, 1), min(n - 1, b * B + B)):
-                            for k in range(max(c * B, 1), min(n - 1, c * B + B)):
-                                d = dist[i, j, k]
-                                if (d != 0.0 and d < level) or _is_out(state, has, cout, B, i, j, k):
-                                    continue
-                                if (
-                                    _is_out(state, has, cout, B, i - 1, j, k)
-                                    or _is_out(state, has, cout, B, i + 1, j, k)
-                                    or _is_out(state, has, cout, B, i, j - 1, k)
-                                    or _is_out(state, has, cout, B, i, j + 1, k)
-                                    or _is_out(state, has, cout, B, i, j, k - 1)
-                                    or _is_out(state, has, cout, B, i, j, k + 1)
-                                ):
-                                    grow, m = _push(grow, m, (i * n + j) * n + k)
-        sflat = state.reshape(-1)
+        for t in range(cand.shape[0]):
+            idx = cand[t]
+            d = dflat[idx]
+            if (d != 0.0 and d < level) or sflat[idx] == 2:
+                continue
+            for s in range(6):
+                q = _nb(idx, s, n)
+                if q >= 0 and sflat[q] == 2:
+                    grow, m = _push(grow, m, idx)
+                    break
+        nxt = np.empty(max(16, 6 * m), np.int64)
+        m2 = 0
         for t in range(m):
             sflat[grow[t]] = 2
+        for t in range(m):
+            for s in range(6):
+                q = _nb(grow[t], s, n)
+                if q >= 0 and sflat[q] != 2:
+                    nxt, m2 = _push(nxt, m2, q)
+        cand = nxt[:m2]
+
+
+@njit(cache=True, inline="always")
+def _val(dflat, sflat, level, idx):
+    """The contour field at a point within a block of the surface (voxel units, negative inside): outside
+    points dist - level (> 0; +1e4 where far), blocked points dist - level (< 0), other points -1. Never
+    exactly 0, so marching cubes makes no zero-area faces."""
+    d = dflat[idx]
+    if sflat[idx] == 2:
+        if d == 0.0:
+            return np.float32(1e4)
+        return max(d - level, np.float32(1e-4))
+    if d != 0.0 and d < level:
+        return min(d - level, np.float32(-1e-4))
+    return np.float32(-1.0)
 
 
 @njit(cache=True)
-def contour_field(dist, state, has, cout, near, B, level, mask):
-    """In place, inside `near` blocks: dist becomes the field whose zero set is the watertight surface
-    (voxel units, negative inside): outside points dist - level (> 0, or +1e4 where unset), blocked points
-    dist - level (< 0), other points -1. Elsewhere dist is left as is (0): no sign change can be there.
-    Fills `mask` (zeroed bool, shape of dist) with the cells whose corners change sign, marked at their max corner (skimage's
-    Lewiner loop tests the mask there; marking the min corner drops cubes and opens the surface)."""
+def contour_field(dist, state, has, cout, B, level, band_idx, field, mask):
+    """Write the contour field into `field` at the corners of every cell whose corners change sign, and
+    mark those cells in `mask` at their max corner (skimage's Lewiner loop tests the mask there; marking
+    the min corner drops cubes and opens the surface). `field` is garbage elsewhere, which is fine: masked
+    marching cubes reads the values of masked cells only. Every sign change is on a grid edge with a band
+    point at one end, so the band points are the only place to look. Returns the number of cells."""
     n = dist.shape[0]
-    nb = near.shape[0]
-    for a in range(nb):
-        for b in range(nb):
-            for c in range(nb):
-                if near[a, b, c] == 0:
-                    continue
-                for i in range(a * B, min(n, a * B + B)):
-                    for j in range(b * B, min(n, b * B + B)):
-                        for k in range(c * B, min(n, c * B + B)):
-                            d = dist[i, j, k]
-                            if _is_out(state, has, cout, B, i, j, k):
-                                v = np.float32(1e4) if d == 0.0 else d - level
-                                if v < 1e-4:
-                                    v = np.float32(1e-4)  # never exactly on the level: no zero-area faces
-                            elif d != 0.0 and d < level:
-                                v = min(d - level, np.float32(-1e-4))
-                            else:
-                                v = np.float32(-1.0)
-                            dist[i, j, k] = v
-    count = 0
-    for a in range(nb):
-        for b in range(nb):
-            for c in range(nb):
-                if has[a, b, c] == 0:
-                    continue  # a sign change needs a blocked corner, and those live in `has` blocks
-                for i in range(max(a * B - 1, 0), min(n - 1, a * B + B)):
-                    for j in range(max(b * B - 1, 0), min(n - 1, b * B + B)):
-                        for k in range(max(c * B - 1, 0), min(n - 1, c * B + B)):
-                            pos = False
-                            neg = False
-                            for x in range(2):
-                                for y in range(2):
-                                    for z in range(2):
-                                        if dist[i + x, j + y, k + z] > 0:
-                                            pos = True
-                                        else:
-                                            neg = True
-                            if pos and neg:
-                                mask[i + 1, j + 1, k + 1] = True
-                                count += 1
-    return count
+    sflat = state.reshape(-1)
+    dflat = dist.reshape(-1)
+    fflat = field.reshape(-1)
+    mflat = mask.reshape(-1)
+    cells = np.empty(1 << 16, np.int64)
+    m = 0
+    for t in range(band_idx.shape[0]):
+        p = band_idx[t]
+        vp = _val(dflat, sflat, level, p)
+        for s in range(6):
+            q = _nb(p, s, n)
+            if q < 0 or (s % 2 == 0 and dflat[q] != 0.0):
+                continue  # an edge between two band points is looked at from its lower end only
+            vq = _val(dflat, sflat, level, q)
+            if (vp > 0) == (vq > 0):
+                continue
+            lo = min(p, q)  # the edge runs from lo along one axis; the 4 cells around it share it
+            k = lo % n
+            j = (lo // n) % n
+            i = lo // (n * n)
+            axis = s // 2  # 0: i, 1: j, 2: k
+            for u in range(2):
+                for w in range(2):
+                    ci, cj, ck = i, j, k
+                    if axis == 0:
+                        cj -= u
+                        ck -= w
+                    elif axis == 1:
+                        ci -= u
+                        ck -= w
+                    else:
+                        ci -= u
+                        cj -= w
+                    if ci < 0 or cj < 0 or ck < 0 or ci >= n - 1 or cj >= n - 1 or ck >= n - 1:
+                        continue
+                    top = ((ci + 1) * n + (cj + 1)) * n + (ck + 1)
+                    if not mflat[top]:
+                        mflat[top] = True
+                        cells, m = _push(cells, m, (ci * n + cj) * n + ck)
+    for t in range(m):
+        c = cells[t]
+        for a in range(2):
+            for b in range(2):
+                for e in range(2):
+                    idx = c + (a * n + b) * n + e
+                    fflat[idx] = _val(dflat, sflat, level, idx)
+    return m
 
 
 # ----------------------------------------------------------------------------- point queries
 @njit(cache=True)
-def ring_distance(P, V, F, nearest, ring_ptr, ring_faces):
-    """Exact distance from each point to the faces around its nearest vertex (its one-ring). On a marching
-    cubes mesh (faces under one voxel) the closest face is in that ring in practice."""
-    out = np.empty(P.shape[0], np.float32)
-    for t in range(P.shape[0]):
-        v = nearest[t]
-        best = np.float32(np.inf)
-        for r in range(ring_ptr[v], ring_ptr[v + 1]):
-            d = _face_dist(P[t, 0], P[t, 1], P[t, 2], V, F, ring_faces[r])
-            if d < best:
-                best = d
-        out[t] = best
-    return out
-
-
-@njit(cache=True)
-def field_sign(G, state, near, cout, B, P):
-    """Inside (-1) / outside (+1) for points P (voxel units): trilinear interpolation of the contour field
-    where it was written (near blocks), else the block-level flood result."""
-    n = G.shape[0]
+def field_sign(dist, state, has, cout, B, level, P):
+    """Inside (-1) / outside (+1) for points P (voxel units): sign of the trilinear interpolation of the
+    contour field (evaluated on the fly from the distance band and the flood state)."""
+    n = dist.shape[0]
+    sflat = state.reshape(-1)
+    dflat = dist.reshape(-1)
     out = np.empty(P.shape[0], np.int8)
     for t in range(P.shape[0]):
         x = min(max(P[t, 0], 0.0), n - 1.000001)
         y = min(max(P[t, 1], 0.0), n - 1.000001)
         z = min(max(P[t, 2], 0.0), n - 1.000001)
         i, j, k = int(x), int(y), int(z)
-        ok = True
+        fx, fy, fz = x - i, y - j, z - k
+        acc = 0.0
         for a in range(2):
             for b in range(2):
                 for c in range(2):
-                    if near[(i + a) // B, (j + b) // B, (k + c) // B] == 0:
-                        ok = False
-        if not ok:
-            out[t] = 1 if (cout[i // B, j // B, k // B] == 1 or state[i, j, k] == 2) else -1
-            continue
-        fx, fy, fz = x - i, y - j, z - k
-        c00 = G[i, j, k] * (1 - fx) + G[i + 1, j, k] * fx
-        c01 = G[i, j, k + 1] * (1 - fx) + G[i + 1, j, k + 1] * fx
-        c10 = G[i, j + 1, k] * (1 - fx) + G[i + 1, j + 1, k] * fx
-        c11 = G[i, j + 1, k + 1] * (1 - fx) + G[i + 1, j + 1, k + 1] * fx
-        c0 = c00 * (1 - fy) + c10 * fy
-        c1 = c01 * (1 - fy) + c11 * fy
-        out[t] = 1 if c0 * (1 - fz) + c1 * fz > 0 else -1
+                    w = (fx if a else 1 - fx) * (fy if b else 1 - fy) * (fz if c else 1 - fz)
+                    # far values (1e4) would swamp the interpolation: clip to a few voxels
+                    q = ((i + a) * n + (j + b)) * n + (k + c)
+                    if _is_out_flat(sflat, has, cout, B, n, q):
+                        v = max(dflat[q] - level, np.float32(1e-4)) if dflat[q] != 0.0 else np.float32(1e4)
+                    else:
+                        v = _val(dflat, sflat, level, q)
+                    acc += w * min(v, np.float32(4.0))
+        out[t] = 1 if acc > 0 else -1
     return out
 
 
@@ -476,3 +515,111 @@ def rasterize(xy, invz, F, H, W, face_id, zbuf):
                 if iz > zbuf[y, x]:
                     zbuf[y, x] = iz
                     face_id[y, x] = f
+
+
+# ----------------------------------------------------------------------------- distance to the watertight mesh
+@njit(cache=True)
+def vertex_cpt(Vc, nc, band):
+    """Nearest mesh vertex for every point of a coarse grid (nc^3, vertex coordinates Vc in coarse units)
+    within `band` coarse cells of the surface: seeded at the corners of each vertex's cell, then grown by
+    closest-point propagation over 26 neighbours. -1 where nothing is within the band."""
+    near = np.full(nc * nc * nc, -1, np.int32)
+    dist = np.full(nc * nc * nc, np.float32(np.inf), np.float32)
+    queued = np.zeros(nc * nc * nc, np.uint8)
+    cur = np.empty(16, np.int64)
+    m = 0
+    for v in range(Vc.shape[0]):
+        x, y, z = Vc[v, 0], Vc[v, 1], Vc[v, 2]
+        i0, j0, k0 = int(x), int(y), int(z)
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    i, j, k = min(i0 + a, nc - 1), min(j0 + b, nc - 1), min(k0 + c, nc - 1)
+                    d = np.sqrt((i - x) ** 2 + (j - y) ** 2 + (k - z) ** 2)
+                    idx = (i * nc + j) * nc + k
+                    if d < dist[idx]:
+                        dist[idx] = d
+                        near[idx] = v
+                        if queued[idx] == 0:
+                            queued[idx] = 1
+                            cur, m = _push(cur, m, idx)
+    cur = cur[:m].copy()
+    nxt = np.empty(16, np.int64)
+    while cur.shape[0] > 0:
+        m = 0
+        for t in range(cur.shape[0]):
+            idx = cur[t]
+            queued[idx] = 0
+            v = near[idx]
+            x, y, z = Vc[v, 0], Vc[v, 1], Vc[v, 2]
+            k = idx % nc
+            j = (idx // nc) % nc
+            i = idx // (nc * nc)
+            for a in range(-1, 2):
+                for b in range(-1, 2):
+                    for c in range(-1, 2):
+                        ii, jj, kk = i + a, j + b, k + c
+                        if ii < 0 or jj < 0 or kk < 0 or ii >= nc or jj >= nc or kk >= nc:
+                            continue
+                        q = (ii * nc + jj) * nc + kk
+                        if near[q] == v:
+                            continue
+                        d = np.float32(np.sqrt((ii - x) ** 2 + (jj - y) ** 2 + (kk - z) ** 2))
+                        if d < dist[q] and d <= band:
+                            dist[q] = d
+                            near[q] = v
+                            if queued[q] == 0:
+                                queued[q] = 1
+                                nxt, m = _push(nxt, m, q)
+        cur = nxt[:m].copy()
+    return near
+
+
+@njit(cache=True)
+def surface_distance(P, scale_c, V, F, ring_ptr, ring_faces, near, nc, cap):
+    """Unsigned distance (units of V) from points P (units of V) to the mesh, capped at `cap`.
+    Start: the nearest of the vertices nearest to the 8 coarse-grid corners around the point (coarse = V
+    units / scale_c); then greedy descent over mesh neighbours to a locally nearest vertex; then the exact
+    distance to the faces around it."""
+    out = np.empty(P.shape[0], np.float32)
+    for t in range(P.shape[0]):
+        px, py, pz = P[t, 0], P[t, 1], P[t, 2]
+        x = min(max(px / scale_c, 0.0), nc - 1.000001)
+        y = min(max(py / scale_c, 0.0), nc - 1.000001)
+        z = min(max(pz / scale_c, 0.0), nc - 1.000001)
+        i0, j0, k0 = int(x), int(y), int(z)
+        # the best of the 8 corner candidates, then descent from it
+        v = -1
+        dv = np.inf
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    w = near[((i0 + a) * nc + (j0 + b)) * nc + (k0 + c)]
+                    if w < 0:
+                        continue
+                    dw = (V[w, 0] - px) ** 2 + (V[w, 1] - py) ** 2 + (V[w, 2] - pz) ** 2
+                    if dw < dv:
+                        dv = dw
+                        v = w
+        best = np.float32(cap)
+        if v >= 0:
+            moved = True
+            steps = 0
+            while moved and steps < 256:
+                moved = False
+                steps += 1
+                for r in range(ring_ptr[v], ring_ptr[v + 1]):
+                    f = ring_faces[r]
+                    for s in range(3):
+                        w = F[f, s]
+                        dw = (V[w, 0] - px) ** 2 + (V[w, 1] - py) ** 2 + (V[w, 2] - pz) ** 2
+                        if dw < dv:
+                            dv = dw
+                            v = w
+                            moved = True
+            for r in range(ring_ptr[v], ring_ptr[v + 1]):
+                d = _face_dist(px, py, pz, V, F, ring_faces[r])
+                if d < best:
+                    best = d
+        out[t] = best
+    return out

@@ -12,7 +12,6 @@ Surface points are taken on the watertight surface (the SDF's zero set), as the 
 from __future__ import annotations
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from ml.processing import kernels
 from ml.processing.watertight import Watertight
@@ -96,28 +95,37 @@ def near_points(surface: np.ndarray, n: int, scales: list[float], rng) -> np.nda
 
 
 class SDF:
-    """Signed distance to a watertight mesh ([0,1] units, negative inside), exact up to `truncation`:
-    nearest vertex (k-d tree), then exact distance to the faces around it; sign from the flood-fill grid."""
+    """Signed distance to a watertight mesh ([0,1] units, negative inside), exact up to `truncation`
+    (clamped to it beyond, sign still exact). Magnitude: kernels.surface_distance (nearest-vertex
+    candidates from a coarse closest-point grid, greedy descent, exact distance to the faces around the
+    vertex found). Sign: the flood-fill grid of the watertight step (Watertight.sign).
+
+    scipy's cKDTree took 15-70 us per query on these near-surface points (25 s for 600k here); this takes
+    ~1 us."""
+
+    COARSE = 4  # voxels per coarse cell of the candidate grid
 
     def __init__(self, wt: Watertight, truncation: float) -> None:
         self.wt = wt
         self.trunc = float(truncation)
-        self.tree = cKDTree(wt.vertices)
         F = wt.faces
+        nv = len(wt.vertices)
         order = np.argsort(F.ravel(), kind="stable")
         self.ring_faces = (order // 3).astype(np.int64)
-        self.ring_ptr = np.zeros(len(wt.vertices) + 1, np.int64)
-        np.cumsum(np.bincount(F.ravel(), minlength=len(wt.vertices)), out=self.ring_ptr[1:])
-        self.Vvox = (wt.vertices * np.float32(wt.resolution)).astype(np.float32)
+        self.ring_ptr = np.zeros(nv + 1, np.int64)
+        np.cumsum(np.bincount(F.ravel(), minlength=nv), out=self.ring_ptr[1:])
+        R = wt.resolution
+        self.Vvox = (wt.vertices * np.float32(R)).astype(np.float32)
+        self.nc = R // self.COARSE + 2
+        band = self.trunc * R / self.COARSE + 2.0  # coarse cells
+        self.near = kernels.vertex_cpt(self.Vvox / np.float32(self.COARSE), self.nc, np.float32(band))
 
     def __call__(self, P: np.ndarray) -> np.ndarray:
         R = self.wt.resolution
-        # faces are under a voxel, so the nearest vertex is within a voxel of the nearest face
-        dv, iv = self.tree.query(P, k=1, distance_upper_bound=self.trunc + 2.0 / R)
-        found = np.isfinite(dv)
-        d = np.full(len(P), self.trunc, np.float32)
-        if found.any():
-            Pv = (P[found] * np.float32(R)).astype(np.float32)
-            exact = kernels.ring_distance(Pv, self.Vvox, self.wt.faces, iv[found].astype(np.int64), self.ring_ptr, self.ring_faces)
-            d[found] = np.minimum(exact / np.float32(R), self.trunc)
+        Pv = (np.clip(P, 0.0, 1.0) * np.float32(R)).astype(np.float32)
+        d = kernels.surface_distance(
+            Pv, np.float32(self.COARSE), self.Vvox, self.wt.faces, self.ring_ptr, self.ring_faces,
+            self.near, self.nc, np.float32(self.trunc * R),
+        )
+        d = np.minimum(d / np.float32(R), np.float32(self.trunc))
         return (d * self.wt.sign(P)).astype(np.float32)

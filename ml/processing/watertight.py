@@ -31,7 +31,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from skimage import measure
@@ -43,20 +42,22 @@ from ml.processing import kernels
 class Watertight:
     vertices: np.ndarray  # (V,3) float32, normalised [0,1] frame
     faces: np.ndarray  # (F,3) int32, outward (counter-clockwise seen from outside)
-    field: np.ndarray  # (n,n,n) float32: signed field in voxel units, negative inside, valid in `near` blocks
-    state: np.ndarray  # (n,n,n) uint8: 2 = outside (point level), see kernels.flood_outside
-    near: np.ndarray  # (nb,nb,nb) uint8: blocks where `field` was written
+    dist: np.ndarray  # (n,n,n) float32: distance to the input in voxels, 0 = far (workspace memory)
+    state: np.ndarray  # (n,n,n) uint8: 1 = blocked, 2 = outside (see kernels.flood_outside)
+    has: np.ndarray  # (nb,nb,nb) uint8: blocks holding blocked points
     cout: np.ndarray  # (nb,nb,nb) uint8: empty blocks flooded from outside at block level
     block: int
+    level: float
     pad: int  # grid point (i,j,k) sits at ((i,j,k) - pad) / resolution in the [0,1] frame
     resolution: int
     band_points: int  # grid points that got an exact distance
     times: dict  # CPU-s per sub-stage
 
     def sign(self, points01: np.ndarray) -> np.ndarray:
-        """-1 inside / +1 outside the watertight surface, for points in the [0,1] frame."""
+        """-1 inside / +1 outside the watertight surface, for points in the [0,1] frame. Valid until the
+        workspace is reused for the next mesh."""
         P = (points01.astype(np.float32) * np.float32(self.resolution) + np.float32(self.pad)).astype(np.float32)
-        return kernels.field_sign(self.field, self.state, self.near, self.cout, self.block, P)
+        return kernels.field_sign(self.dist, self.state, self.has, self.cout, self.block, np.float32(self.level), P)
 
 
 class Workspace:
@@ -111,14 +112,15 @@ def make_watertight(
     del seeds
     tm("wt_band")
     has, cout = kernels.flood_outside(dist, band_idx, np.float32(level + close_holes), block, state)
-    near = ndimage.binary_dilation(has.astype(bool), structure=np.ones((3, 3, 3), bool)).astype(np.uint8)
     tm("wt_flood")
     if close_holes > 0:
-        kernels.grow_outside(state, dist, has, cout, near, block, np.float32(level), int(close_holes))
-    if kernels.contour_field(dist, state, has, cout, near, block, np.float32(level), mask) == 0:
+        kernels.grow_outside(state, dist, has, cout, block, np.float32(level), int(close_holes), band_idx)
+    # the nearest-face grid is spent: its memory holds the contour field now
+    field = ws.tri.view(np.float32)
+    if kernels.contour_field(dist, state, has, cout, block, np.float32(level), band_idx, field, mask) == 0:
         raise DegenerateMesh("the surface is too small for the grid: nothing to contour")
     tm("wt_field")
-    verts, tris, _normals, _values = measure.marching_cubes(dist, 0.0, mask=mask, allow_degenerate=True)
+    verts, tris, _normals, _values = measure.marching_cubes(field, 0.0, mask=mask, allow_degenerate=True)
     tris = tris.astype(np.int32)
     if len(tris) == 0:
         raise DegenerateMesh("marching cubes found no surface")
@@ -127,7 +129,7 @@ def make_watertight(
     tm("wt_mc")
     verts01 = ((verts - pad) / np.float32(R)).astype(np.float32)
     return Watertight(
-        verts01, np.ascontiguousarray(tris), dist, state, near, cout, block, pad, R, int(band_idx.size), tm.times
+        verts01, np.ascontiguousarray(tris), dist, state, has, cout, block, float(level), pad, R, int(band_idx.size), tm.times
     )
 
 

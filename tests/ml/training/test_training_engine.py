@@ -146,3 +146,25 @@ def test_static_graph_same_output_and_every_parameter_gets_a_gradient(cfg):
             torch.testing.assert_close(pa.grad, pb.grad, msg=n)
         else:
             assert not pb.grad.any(), n  # skipped work gets exactly zero gradient
+
+
+def test_latent_cache_encodes_once_then_resamples_the_posterior(cfg, tmp_path):
+    from ml.training.step import TrainModels
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        models = build_models(cfg.model.arch)
+    tm = TrainModels(models, cfg, torch.device("cpu"), tmp_path / "cache")
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(1, 2560, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True)
+    batch = {"uid": ["a"], "surface": torch.cat([0.8 * d, d, torch.zeros(1, 2560, 1)], dim=-1)}
+    z1, v1 = tm.encode(batch)
+    assert (tmp_path / "cache" / "a.pt").is_file()
+    calls = []
+    hook = tm.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    tm.vae.encode_tokens = lambda *a, **k: calls.append(1)  # the encoder must not run again
+    z2, v2 = tm.encode(batch)
+    hook.remove()
+    assert not calls and torch.equal(v1, v2) and z1.shape == z2.shape
+    assert not torch.equal(z1, z2)  # a fresh posterior sample around the cached mean

@@ -213,3 +213,27 @@ def test_sigterm_saves_a_checkpoint_and_stops(synthetic, tmp_path):
     latest = (out / "r" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{last:07d}" and last < 500  # the step it stopped at, not a ckpt_every multiple
     assert "resume with --resume" in stdout
+
+
+def test_starts_from_a_checkpoint_strictly_and_exports_the_frozen_parts_unchanged(synthetic, tmp_path):
+    from ml.config import load_config
+    from ml.models.checkpoint import write_random_checkpoint
+    from ml.training.config import TrainConfig
+
+    cfg = load_config(ROOT / "configs" / "train_dit_refine-tiny.yaml", TrainConfig)
+    weights = write_random_checkpoint(cfg.model.arch, tmp_path / "base.pt", seed=7)
+    out = tmp_path / "out"
+    run(train_cmd(synthetic, out, f"model.weights={weights}", "train.max_steps=2", "train.val_every=0",
+                  "optim.warmup_steps=1", "run.run_id=r", "optim.lr=1e-9"))
+    base = torch.load(weights, weights_only=True)
+    exp = torch.load(out / "r" / "export" / "ultrashape.pt", weights_only=True)
+    for part in ("vae", "conditioner"):  # frozen: bit-identical to the released file
+        assert exp[part].keys() == base[part].keys()
+        assert all(torch.equal(exp[part][k], base[part][k]) for k in base[part])
+    # the DiT started from the file (a 1e-9 LR moves it by ~1e-9 at most)
+    assert all(torch.allclose(exp["dit"][k], base["dit"][k], atol=1e-6) for k in base["dit"])
+    # a checkpoint of another architecture is refused, naming the mismatch
+    p = subprocess.run(train_cmd(synthetic, tmp_path / "bad", f"model.weights={weights}", "model.arch.dit.depth=3",
+                                 "train.max_steps=2", "optim.warmup_steps=1"),
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "do not match" in p.stderr

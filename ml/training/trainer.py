@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ml.config import ConfigError, from_dict, to_dict
+from ml.config import ConfigError, to_dict
 from ml.training import checkpoint as ckpt
 from ml.training.config import FROZEN_ON_RESUME, TrainConfig
 from ml.training.data import DataOrder, RefineDataset, make_loader, val_batches

@@ -142,6 +142,19 @@ def test_playbooks_setup_sync_status_teardown(world, tmp_path):
     assert emu.pod(pod_id).status == "RUNNING"
 
 
+def primitives(d: Path) -> Path:
+    """Six small closed meshes in three formats: what a studio folder looks like, in miniature."""
+    import trimesh
+
+    d.mkdir(parents=True, exist_ok=True)
+    c = trimesh.creation
+    for name, m in [("ball.obj", c.icosphere(subdivisions=2)), ("box.stl", c.box()), ("capsule.ply", c.capsule()),
+                    ("cone.obj", c.cone(0.5, 1.0)), ("cylinder.stl", c.cylinder(0.4, 1.2)),
+                    ("torus.ply", c.torus(0.6, 0.2))]:
+        m.export(d / name)
+    return d
+
+
 def ssh_masters(world) -> list:
     """This test's multiplexing SSH masters (their command line names its known_hosts file)."""
     import psutil
@@ -185,7 +198,7 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
     emu, pod_id = world["emu"], world["pod_id"]
     ws = emu.pod(pod_id).workspace
     fab(world, "setup", "--stack", STACK, "--python", base_python(), "--site-packages", sysconfig.get_paths()["purelib"])
-    src = REPO / "examples" / "meshes"
+    src = primitives(tmp_path / "meshes")
     common = "train.ckpt_every=3 train.val_every=0 train.log_every=1 logging.wandb=disabled"
     # A run far longer than the test: it is stopped mid-way, then resumed with a closer end (max_steps may change).
     overrides = "train.max_steps=100000 " + common

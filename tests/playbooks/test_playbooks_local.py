@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,23 +41,26 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
     meshes.mkdir()
     import trimesh
 
-    trimesh.creation.icosphere(subdivisions=2).export(meshes / "ball.obj")
-    trimesh.creation.box().export(meshes / "box.stl")
+    for name, m in [("ball.obj", trimesh.creation.icosphere(subdivisions=2)), ("box.stl", trimesh.creation.box()),
+                    ("capsule.ply", trimesh.creation.capsule()), ("torus.obj", trimesh.creation.torus(0.6, 0.2))]:
+        m.export(meshes / name)
     r = fab(env, "sync", "--src", str(meshes), "--limit", "1")
     assert sorted(os.listdir(ws / "data" / "input")) == ["ball.obj"]
 
-    # A processed set as ml.processing writes it (the processing stage has its own tests).
-    sys.path.insert(0, str(REPO / "tests" / "ml" / "training"))
-    from training_fixtures import write_dataset
-
-    write_dataset(ws / "data" / "output")
+    # What `make demo` runs: sync the rest, process, train (tiny), then refine a processed mesh.
     over = "train.max_steps=4 optim.warmup_steps=1 train.ckpt_every=2 train.val_every=0 train.log_every=1 logging.wandb=disabled"
-    r = fab(env, "train", "--tiny", "--src", str(tmp_path / "none"), "--overrides", over, timeout=600)
-    assert "process: data/output is up to date" in r.stderr
+    r = fab(env, "train", "--tiny", "--src", str(meshes), "--overrides", over, timeout=600)
+    assert "3 of 4 files sent" in r.stderr and "[local] process: " in r.stderr, r.stderr
+    assert (ws / "data" / "output" / "contact_sheet.png").is_file()
     assert "step 4/4 (100%)" in r.stdout and "job: done (exit 0)" in r.stdout, r.stdout
     assert "watchdog" not in r.stderr  # nothing to stop here
     runs = list((ws / "outputs").glob("*/export"))
     assert len(runs) == 1
+    r = fab(env, "infer", "--tiny", timeout=600)
+    for what in ("refined mesh:", "contact sheet:", "loss curve:"):
+        assert what in r.stdout, r.stdout
+    glb = Path(r.stdout.split("refined mesh:")[1].split()[0])
+    assert glb.is_file() and glb.suffix == ".glb"
 
     r = fab(env, "status")
     assert "step 4/4" in r.stdout
@@ -68,7 +72,7 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
     run_id = runs[0].parent.name
     assert (home / run_id / "export").is_dir() and (home / run_id / "loss_curve.png").is_file()
 
-    image = ws / "data" / "output" / "renders" / "obj00" / "rgba" / "000.png"
+    image = next((ws / "data" / "output" / "renders").glob("*/rgba/000.png"))
     out = tmp_path / "refined.glb"
     r = fab(env, "infer", "--tiny", "--image", str(image), "--mesh", str(meshes / "ball.obj"), "--out", str(out),
             timeout=600)

@@ -32,8 +32,9 @@ pair() {  # two single-GPU variants at once, one per card
 }
 
 single() {  # first call (2026-11-25): DeepSpeed bf16 weights, ZeRO-2
-  pair "--label 1gpu-noackpt" "--act-ckpt -1 --label 1gpu-ackpt-all"
-  pair "--act-ckpt 10 --label 1gpu-ackpt10" "--act-ckpt 10 --attn cudnn --compile kernels --label 1gpu-ackpt10-cudnn-kernels"
+  P="--set deepspeed.precision=bf16 --zero 2"
+  pair "$P --label 1gpu-noackpt" "$P --act-ckpt -1 --label 1gpu-ackpt-all"
+  pair "$P --act-ckpt 10 --label 1gpu-ackpt10" "$P --act-ckpt 10 --attn cudnn --compile kernels --label 1gpu-ackpt10-cudnn-kernels"
 }
 
 single2() {  # second call: fp32 weights + autocast (plain fused AdamW) against DeepSpeed bf16, compile
@@ -53,7 +54,8 @@ multi3() {  # third call: ZeRO-2 over both cards with DeepSpeed bf16 weights (au
 
 multi() {
   for z in 2 3; do
-    timeout 200 $DS --num_gpus 2 bench/train_step.py --json "$J" --steps 6 --warmup 2 --zero $z --label 2gpu-zero$z > /tmp/m.log 2>&1
+    timeout 200 $DS --num_gpus 2 bench/train_step.py --json "$J" --steps 6 --warmup 2 --zero $z \
+      --set deepspeed.precision=autocast --label 2gpu-zero$z > /tmp/m.log 2>&1
     cat /tmp/m.log >> "$L"
     grep -h '^\[' /tmp/m.log || tail -8 /tmp/m.log
   done

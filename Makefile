@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The whole chain on this machine with the tiny configs: process the bundled meshes, train the tiny
+# model (detached job, followed to the end), then refine one mesh with the exported weights.
 demo: setup
-	$(BIN)/fab train --stack local --config configs/train_dit_refine-tiny.yaml
-	$(BIN)/fab infer --stack local
+	$(BIN)/fab train --stack local --tiny --src examples/meshes
+	$(BIN)/fab infer --stack local --tiny
 
 bench: setup
 	@ls bench/*.py

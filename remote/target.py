@@ -23,6 +23,7 @@ relative paths in configs (data/output, outputs/) mean the same thing everywhere
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import subprocess
@@ -239,8 +240,8 @@ class SSHTarget(Target):
         self.identity = identity
         self.host_key_alias = host_key_alias or f"ultrashape-{name}"
         self.known_hosts = Path(known_hosts) if known_hosts else state_dir() / "known_hosts"
-        # %C is a 40-character hash of host, port and user; /tmp rather than $TMPDIR, which on macOS is a
-        # long /var/folders/... path that would push the socket past the 104-byte limit.
+        # Under /tmp rather than $TMPDIR, which on macOS is a long /var/folders/... path that would push the
+        # socket past the 104-byte limit; named by control_path(), not ssh's %C, so we can find a stale one.
         tmp = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
         self._control = tmp / f"ultrashape-ssh-{os.getuid()}"
         self._opened = False
@@ -261,7 +262,7 @@ class SSHTarget(Target):
             "HostKeyAlias": self.host_key_alias,
             "HashKnownHosts": "no",  # a readable file: `grep ultrashape-h100 .fab/known_hosts`
             "ControlMaster": "yes" if master else "no",
-            "ControlPath": str(self._control / "%C"),
+            "ControlPath": str(self.control_path),
             "ServerAliveInterval": "10",
             "ServerAliveCountMax": "3",
             "ConnectTimeout": "15",
@@ -277,6 +278,11 @@ class SSHTarget(Target):
         return out
 
     @property
+    def control_path(self) -> Path:
+        key = f"{self.user}@{self.host}:{self.port}".encode()
+        return self._control / hashlib.sha1(key).hexdigest()[:20]
+
+    @property
     def destination(self) -> str:
         return f"{self.user}@{self.host}"
 
@@ -289,6 +295,9 @@ class SSHTarget(Target):
         if self._master_alive():  # another Target in this process already holds one: share it
             self._opened, self._owns_master = True, False
             return
+        # A master that was killed (network drop, OOM) leaves its socket behind; a new master would then
+        # refuse to listen ("already exists, disabling multiplexing") and run unreachable for ever.
+        self.control_path.unlink(missing_ok=True)
         # stderr to a file, not a pipe: the master forks into the background holding it (see ssh_options).
         with tempfile.TemporaryFile() as err:
             p = subprocess.run(

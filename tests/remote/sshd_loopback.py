@@ -80,6 +80,11 @@ class LoopbackSSHD:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            # Per-connection sshd processes outlive the listener; end them too, so no client lingers.
+            import psutil
+
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
             self.proc.terminate()
             try:
                 self.proc.wait(5)

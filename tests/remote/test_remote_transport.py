@@ -114,6 +114,13 @@ def test_remote_detached_job_survives_dropped_connection(target, tmp_path):
     jobs.start(target, "demo", "echo again")
     assert jobs.follow(target, "demo", out=io.BytesIO()).state == "done"
     assert Path(target.path("jobs/demo/log.prev")).exists()
+    # The killed master left its socket behind; the new one must still be reachable (and so closable).
+    target.close()
+    import psutil
+
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if f"ControlPath={target.control_path}" in (p.info["cmdline"] or []) and "ControlMaster=yes" in p.info["cmdline"]]
+    assert not left, "an SSH master outlived close()"
 
 
 def test_remote_job_lost_when_its_session_dies(target):

@@ -92,10 +92,28 @@ def _push(buf, m, value):
     return buf, m + 1
 
 
+@njit(cache=True, inline="always")
+def _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m):
+    if i < 0 or j < 0 or k < 0 or i >= n or j >= n or k >= n:
+        return out, m
+    d = max(_face_dist(np.float32(i), np.float32(j), np.float32(k), V, F, f), np.float32(1e-6))
+    idx = (i * n + j) * n + k
+    old = flat[idx]
+    if old == 0.0 or d < old:
+        if old == 0.0:
+            out, m = _push(out, m, idx)
+        flat[idx] = d
+        tflat[idx] = f + 1
+    return out, m
+
+
 @njit(cache=True)
 def seed_band(V, F, dist, tri):
-    """Exact unsigned distance at the grid points of every face's bounding box (corners of the cells it
-    overlaps), keeping the nearest face per point. V is in voxel units. Returns the seeded flat indices."""
+    """Exact unsigned distance at the grid points around every face, keeping the nearest face per point.
+    V is in voxel units. A small face seeds the grid points of its bounding box; a large one (a CAD quad,
+    a flat cap) seeds the corners of the cells under points sampled on it at < 1 voxel spacing, so seeding
+    follows the area, not the bounding box (a box-sized triangle has ~n^3 points in its box).
+    Propagation fills in the rest. Returns the seeded flat indices."""
     n = dist.shape[0]
     flat = dist.reshape(-1)
     tflat = tri.reshape(-1)
@@ -103,24 +121,34 @@ def seed_band(V, F, dist, tri):
     m = 0
     for f in range(F.shape[0]):
         a, b, c = F[f, 0], F[f, 1], F[f, 2]
-        lo0 = max(int(np.floor(min(V[a, 0], min(V[b, 0], V[c, 0])))), 0)
-        lo1 = max(int(np.floor(min(V[a, 1], min(V[b, 1], V[c, 1])))), 0)
-        lo2 = max(int(np.floor(min(V[a, 2], min(V[b, 2], V[c, 2])))), 0)
-        hi0 = min(int(np.ceil(max(V[a, 0], max(V[b, 0], V[c, 0])))), n - 1)
-        hi1 = min(int(np.ceil(max(V[a, 1], max(V[b, 1], V[c, 1])))), n - 1)
-        hi2 = min(int(np.ceil(max(V[a, 2], max(V[b, 2], V[c, 2])))), n - 1)
-        for i in range(lo0, hi0 + 1):
-            for j in range(lo1, hi1 + 1):
-                base = (i * n + j) * n
-                for k in range(lo2, hi2 + 1):
-                    d = max(_face_dist(np.float32(i), np.float32(j), np.float32(k), V, F, f), np.float32(1e-6))
-                    idx = base + k
-                    old = flat[idx]
-                    if old == 0.0 or d < old:
-                        if old == 0.0:
-                            out, m = _push(out, m, idx)
-                        flat[idx] = d
-                        tflat[idx] = f + 1
+        lo0 = int(np.floor(min(V[a, 0], min(V[b, 0], V[c, 0]))))
+        lo1 = int(np.floor(min(V[a, 1], min(V[b, 1], V[c, 1]))))
+        lo2 = int(np.floor(min(V[a, 2], min(V[b, 2], V[c, 2]))))
+        hi0 = int(np.ceil(max(V[a, 0], max(V[b, 0], V[c, 0]))))
+        hi1 = int(np.ceil(max(V[a, 1], max(V[b, 1], V[c, 1]))))
+        hi2 = int(np.ceil(max(V[a, 2], max(V[b, 2], V[c, 2]))))
+        if hi0 - lo0 <= 2 and hi1 - lo1 <= 2 and hi2 - lo2 <= 2:
+            for i in range(lo0, hi0 + 1):
+                for j in range(lo1, hi1 + 1):
+                    for k in range(lo2, hi2 + 1):
+                        out, m = _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m)
+            continue
+        e0 = np.sqrt((V[b, 0] - V[a, 0]) ** 2 + (V[b, 1] - V[a, 1]) ** 2 + (V[b, 2] - V[a, 2]) ** 2)
+        e1 = np.sqrt((V[c, 0] - V[a, 0]) ** 2 + (V[c, 1] - V[a, 1]) ** 2 + (V[c, 2] - V[a, 2]) ** 2)
+        e2 = np.sqrt((V[c, 0] - V[b, 0]) ** 2 + (V[c, 1] - V[b, 1]) ** 2 + (V[c, 2] - V[b, 2]) ** 2)
+        steps = int(np.ceil(max(e0, max(e1, e2)) / 0.9))
+        for sa in range(steps + 1):
+            for sb in range(steps + 1 - sa):
+                wa = sa / steps
+                wb = sb / steps
+                x = V[a, 0] + wa * (V[b, 0] - V[a, 0]) + wb * (V[c, 0] - V[a, 0])
+                y = V[a, 1] + wa * (V[b, 1] - V[a, 1]) + wb * (V[c, 1] - V[a, 1])
+                z = V[a, 2] + wa * (V[b, 2] - V[a, 2]) + wb * (V[c, 2] - V[a, 2])
+                i0, j0, k0 = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
+                for i in range(i0, i0 + 2):
+                    for j in range(j0, j0 + 2):
+                        for k in range(k0, k0 + 2):
+                            out, m = _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m)
     return out[:m]
 
 
@@ -578,9 +606,9 @@ def vertex_cpt(Vc, nc, band):
 @njit(cache=True)
 def surface_distance(P, scale_c, V, F, ring_ptr, ring_faces, near, nc, cap):
     """Unsigned distance (units of V) from points P (units of V) to the mesh, capped at `cap`.
-    Start: the nearest of the vertices nearest to the 8 coarse-grid corners around the point (coarse = V
-    units / scale_c); then greedy descent over mesh neighbours to a locally nearest vertex; then the exact
-    distance to the faces around it."""
+    Starts: the two nearest of the vertices nearest to the 8 coarse-grid corners around the point (coarse
+    = V units / scale_c); from each, greedy descent over mesh neighbours to a locally nearest vertex; then
+    the exact distance to the faces around the vertices found."""
     out = np.empty(P.shape[0], np.float32)
     for t in range(P.shape[0]):
         px, py, pz = P[t, 0], P[t, 1], P[t, 2]
@@ -588,21 +616,30 @@ def surface_distance(P, scale_c, V, F, ring_ptr, ring_faces, near, nc, cap):
         y = min(max(py / scale_c, 0.0), nc - 1.000001)
         z = min(max(pz / scale_c, 0.0), nc - 1.000001)
         i0, j0, k0 = int(x), int(y), int(z)
-        # the best of the 8 corner candidates, then descent from it
-        v = -1
-        dv = np.inf
+        # the two nearest distinct corner candidates, each followed by a descent (one start can end on the
+        # wrong side of a thin gap: two cost little and catch most of those)
+        v1 = -1
+        v2 = -1
+        d1 = np.inf
+        d2 = np.inf
         for a in range(2):
             for b in range(2):
                 for c in range(2):
                     w = near[((i0 + a) * nc + (j0 + b)) * nc + (k0 + c)]
-                    if w < 0:
+                    if w < 0 or w == v1 or w == v2:
                         continue
                     dw = (V[w, 0] - px) ** 2 + (V[w, 1] - py) ** 2 + (V[w, 2] - pz) ** 2
-                    if dw < dv:
-                        dv = dw
-                        v = w
+                    if dw < d1:
+                        v2, d2 = v1, d1
+                        v1, d1 = w, dw
+                    elif dw < d2:
+                        v2, d2 = w, dw
         best = np.float32(cap)
-        if v >= 0:
+        for start in range(2):
+            v = v1 if start == 0 else v2
+            dv = d1 if start == 0 else d2
+            if v < 0:
+                continue
             moved = True
             steps = 0
             while moved and steps < 256:

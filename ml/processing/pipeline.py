@@ -96,11 +96,14 @@ def discover(input_dir: Path, limit: int | None = None) -> list[Path]:
 
 def split_uids(uids: list[str], val_ratio: float) -> tuple[list[str], list[str]]:
     """Deterministic by uid: a uid is in val when the hash of its name falls under val_ratio, so adding
-    meshes never moves the others. With >= 2 meshes and val_ratio > 0, val gets at least one."""
+    meshes never moves the others. With >= 2 meshes and val_ratio > 0, val gets at least one; train always
+    keeps at least one."""
     key = {u: int(hashlib.sha256(f"split:{u}".encode()).hexdigest()[:8], 16) / 2**32 for u in uids}
     val = [u for u in uids if key[u] < val_ratio]
     if not val and val_ratio > 0 and len(uids) >= 2:
         val = [min(uids, key=lambda u: key[u])]
+    if val and len(val) == len(uids):  # training needs at least one mesh
+        val.remove(max(val, key=lambda u: key[u]))
     vs = set(val)
     return sorted(u for u in uids if u not in vs), sorted(val)
 
@@ -494,7 +497,8 @@ def _finish(entries, records, cfg, out: Path, fp: str, wall: float) -> dict:
             reasons["duplicate"] = reasons.get("duplicate", 0) + 1
         elif r.get("status") == "rejected":
             reasons[r.get("reason", "?")] = reasons.get(r.get("reason", "?"), 0) + 1
-    fresh = [records[e["uid"]] for e in entries if e["uid"] in records and not records[e["uid"]].get("skipped")]
+    uniq = [e["uid"] for e in entries if "duplicate_of" not in e]
+    fresh = [records[u] for u in uniq if u in records and not records[u].get("skipped")]
     cpu = sorted(r["cpu_s"] for r in fresh if r.get("status") == "ok" and "cpu_s" in r)
     train = json.loads((out / "data_list" / "train.json").read_text())
     val = json.loads((out / "data_list" / "val.json").read_text())
@@ -504,7 +508,7 @@ def _finish(entries, records, cfg, out: Path, fp: str, wall: float) -> dict:
         "rejected": sum(v for k, v in reasons.items() if k != "duplicate"),
         "reasons": reasons,
         "processed_now": len(fresh),
-        "skipped": sum(1 for e in entries if records.get(e["uid"], {}).get("skipped")),
+        "skipped": sum(1 for u in uniq if records.get(u, {}).get("skipped")),
         "train": len(train),
         "val": len(val),
         "cpu_s_median": float(np.median(cpu)) if cpu else None,

@@ -103,7 +103,6 @@ class SDF:
     scipy's cKDTree took 15-70 us per query on these near-surface points (25 s for 600k here); this takes
     ~1 us."""
 
-    COARSE = 4  # voxels per coarse cell of the candidate grid
 
     def __init__(self, wt: Watertight, truncation: float) -> None:
         self.wt = wt
@@ -116,15 +115,17 @@ class SDF:
         np.cumsum(np.bincount(F.ravel(), minlength=nv), out=self.ring_ptr[1:])
         R = wt.resolution
         self.Vvox = (wt.vertices * np.float32(R)).astype(np.float32)
-        self.nc = R // self.COARSE + 2
-        band = self.trunc * R / self.COARSE + 2.0  # coarse cells
-        self.near = kernels.vertex_cpt(self.Vvox / np.float32(self.COARSE), self.nc, np.float32(band))
+        # coarse cells of 1/128 of the box (4 voxels at 512): fine enough that descents start close by
+        self.coarse = max(1, R // 128)
+        self.nc = R // self.coarse + 2
+        band = self.trunc * R / self.coarse + 2.0  # coarse cells
+        self.near = kernels.vertex_cpt(self.Vvox / np.float32(self.coarse), self.nc, np.float32(band))
 
     def __call__(self, P: np.ndarray) -> np.ndarray:
         R = self.wt.resolution
         Pv = (np.clip(P, 0.0, 1.0) * np.float32(R)).astype(np.float32)
         d = kernels.surface_distance(
-            Pv, np.float32(self.COARSE), self.Vvox, self.wt.faces, self.ring_ptr, self.ring_faces,
+            Pv, np.float32(self.coarse), self.Vvox, self.wt.faces, self.ring_ptr, self.ring_faces,
             self.near, self.nc, np.float32(self.trunc * R),
         )
         d = np.minimum(d / np.float32(R), np.float32(self.trunc))

@@ -128,6 +128,9 @@ def make_watertight(
         tris = tris[:, ::-1].copy()
     tm("wt_mc")
     verts01 = ((verts - pad) / np.float32(R)).astype(np.float32)
+    # The mesh sits in [0.01, 0.99] and the surface is `level` voxels outside it: below ~100 cells per side
+    # that pokes out of the unit box the loaders assume. Clamping flattens those few vertices only.
+    np.clip(verts01, 0.0, 1.0, out=verts01)
     return Watertight(
         verts01, np.ascontiguousarray(tris), dist, state, has, cout, block, float(level), pad, R, int(band_idx.size), tm.times
     )

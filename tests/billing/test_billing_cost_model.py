@@ -125,8 +125,8 @@ def test_estimate_run_offline_uses_config_prices_and_step_time(cfg):
     e = estimate_run(gpu_ids=["NVIDIA H100 80GB HBM3"], meshes=30000, steps=60000, volume_gb=200,
                      network_volume=True, cfg=cfg)
     assert e.gpu_usd_per_hour == pytest.approx(2.69)
-    assert e.step_time_s == pytest.approx(0.52)
-    assert e.train_hours == pytest.approx(60000 * 0.52 / 3600)
+    assert e.step_time_s == pytest.approx(0.759)  # ml.training's measured H100 step, not the official 0.52 s
+    assert e.train_hours == pytest.approx(60000 * 0.759 / 3600)
     assert e.storage_usd_per_month == pytest.approx(200 * 0.07)
     assert "configs/cost.yaml" in e.price_source
     assert any("$/h" in x or "/h" in x for x in e.lines())

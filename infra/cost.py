@@ -293,6 +293,7 @@ class Estimate:
     storage_kind: str  # "network volume" or "pod volume"
     budget_usd: float = 0.0
     max_runtime_hours: float = 0.0
+    needed_gb: float = 0.0  # what the run puts on the volume: meshes, samples, weights, venv, checkpoints
 
     @property
     def hours(self) -> float:
@@ -318,6 +319,9 @@ class Estimate:
         out.append(f"setup + autostop tail: {self.overhead_hours:.2f} h")
         out.append(f"compute: {self.hours:.2f} h x ${self.gpu_usd_per_hour:.2f}/h = ${self.compute_usd:.2f}")
         out.append(f"storage: {self.storage_kind} {self.storage_gb:.0f} GB = ${self.storage_usd_per_month:.2f}/month")
+        if self.needed_gb > self.storage_gb:
+            out.append(f"volume: this run needs ~{self.needed_gb:.0f} GB (meshes, samples, weights, checkpoints), more "
+                       f"than the {self.storage_gb:.0f} GB volume: raise networkVolumeGb (or volumeGb) first")
         if self.max_runtime_hours > 0 and self.hours > self.max_runtime_hours:
             step = int(max(0.0, self.max_runtime_hours - self.overhead_hours - self.process_hours) * 3600 / self.step_time_s)
             out.append(f"runtime: maxRuntimeHours is {self.max_runtime_hours:g} h: the watchdog stops the pod then, near step "
@@ -395,6 +399,9 @@ def estimate_run(
     storage = (cfg.prices.network_volume_month(volume_gb) if network_volume
                else volume_gb * cfg.prices.pod_volume_stopped_usd_per_gb_month)
     vcpus = cfg.prices.gpu_pod_vcpus.get(gpu, 8)
+    w = cfg.workload
+    ckpt_gb = max((r.volume_extra_gb for r in cfg.runs if r.gpu == gpu), default=0.0)
+    needed = meshes * (w.raw_mb_per_mesh + w.processed_mb_per_mesh) / 1000.0 + w.weights_gb + w.env_gb + ckpt_gb
     process_h = process_meshes * cfg.workload.kit_processing_cpu_s_per_mesh / vcpus / 3600.0
     overhead = cfg.workload.setup_reused_hours + cfg.kit.autostop_stop_minutes / 60.0
     return Estimate(
@@ -404,7 +411,7 @@ def estimate_run(
         process_meshes=process_meshes, process_hours=process_h, overhead_hours=overhead,
         storage_gb=volume_gb, storage_usd_per_month=storage,
         storage_kind="network volume" if network_volume else "pod volume (stopped rate)", budget_usd=budget_usd,
-        max_runtime_hours=max_runtime_hours,
+        max_runtime_hours=max_runtime_hours, needed_gb=needed,
     )
 
 

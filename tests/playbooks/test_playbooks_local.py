@@ -113,3 +113,22 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
     assert "stopped job tensorboard" in r.stdout
     assert "stopped job serve" in r.stdout and "nothing is billed" in r.stdout
     assert (ws / "jobs" / "serve" / "exit_code").is_file()
+
+
+def test_playbooks_local_weights_from_a_local_copy(env, tmp_path):
+    """`fab weights --source FILE`: the upload path (no Hub); the file lands where the training config expects it."""
+    import torch
+
+    src = tmp_path / "dl" / "my_copy.pt"
+    src.parent.mkdir()
+    torch.save({p: {"w": torch.zeros(2)} for p in ("vae", "dit", "conditioner")}, src)
+    r = fab(env, "weights", "--source", str(src))
+    placed = tmp_path / "ws" / "ckpt" / "ultrashape_v1.pt"  # configs/train_dit_refine.yaml: model.weights
+    assert placed.read_bytes() == src.read_bytes()
+    assert "ready for training" in r.stdout + r.stderr
+    bad = tmp_path / "dl2" / "ultrashape_v1.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    p = subprocess.run([sys.executable, "-m", "fabric", "weights", "--source", str(bad)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "weights failed" in p.stderr, p.stdout + p.stderr

@@ -11,7 +11,7 @@ from fabric import task
 
 from playbooks.common import INPUT, OUTPUT, OUTPUTS, STACK_HELP, config_path, latest_run, py, run_job, say, target
 from remote import jobs, sync as rsync
-from remote.target import Target
+from remote.target import Target, TargetError
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 KEY_FILE = "outputs/serve-api-key"  # on the target's volume, mode 0600 (ml.serving writes it)
@@ -139,19 +139,30 @@ def infer(c, stack=None, image=None, mesh=None, ckpt=None, config=None, tiny=Fal
             print(f"loss curve:     {curve}{where}")
 
 
+JOBS = ("train", "process", "weights", "serve", "tensorboard", "infer")
+
+
+def stop_jobs(t: Target, grace: float) -> None:
+    """Ctrl-C every running job (training then writes a checkpoint at the step it reached), then TERM/KILL."""
+    for job in JOBS:
+        if jobs.state(t, job).state == "running":
+            say(f"[{t.name}] stopping job {job} (Ctrl-C{', checkpoint' if job == 'train' else ''})...")
+            st = jobs.stop(t, job, grace=grace if job == "train" else 30)
+            print(f"{t.name}: stopped job {job}" + (f" (exit {st.exit_code})" if st.exit_code is not None else ""))
+
+
 @task(help={"stack": STACK_HELP, "terminate": "delete the pod (a host-local volume goes with it; a network volume stays)",
-            "yes": "with --terminate: do not ask"})
-def teardown(c, stack=None, terminate=False, yes=False):
+            "yes": "with --terminate: do not ask",
+            "now": "stop at once, without first letting a running training write its checkpoint",
+            "grace": "seconds a running training gets to write its checkpoint before it is killed"})
+def teardown(c, stack=None, terminate=False, yes=False, now=False, grace=600):
     """Stop the pod: GPU billing stops, the volume stays (--terminate deletes it). Safe to run twice."""
     from remote.stack import default_stack
 
     name = stack or default_stack()
     if name == "local":
         with target(name) as t:
-            for job in ("train", "process", "weights", "serve", "tensorboard", "infer"):
-                if jobs.state(t, job).state == "running":
-                    jobs.stop(t, job)
-                    print(f"local: stopped job {job}")
+            stop_jobs(t, float(grace))
             print("local: nothing is billed here")
         return
     from remote.stack import PodTarget
@@ -172,6 +183,13 @@ def teardown(c, stack=None, terminate=False, yes=False):
         elif pod.status in ("EXITED", "TERMINATED"):
             print(f"{name}: pod {pod.id} is already stopped ({pod.status}); nothing is billed but its volume")
         else:
+            if not now and pod.status == "RUNNING":
+                # A stopped container loses the steps since the last checkpoint; Ctrl-C first loses none.
+                try:
+                    with pt:
+                        stop_jobs(pt, float(grace))
+                except TargetError as e:
+                    say(f"[{name}] could not reach the pod to stop its jobs cleanly ({e}); stopping it anyway")
             pt.client.stop_pod(pod.id)
             pod = pt.client.wait_for_pod(pod.id, "EXITED", timeout=300, poll=2, require_ssh=False)
             print(f"{name}: pod {pod.id} stopped ({pod.status}): GPU billing stopped, /workspace kept. "

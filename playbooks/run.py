@@ -197,6 +197,13 @@ def gpu_lines(t: Target) -> list[str]:
         if len(parts) == 5:
             i, name, util, used, tot = parts
             out.append(f"  gpu {i} {name}: {util}% busy, {float(used) / 1024:.1f}/{float(tot) / 1024:.0f} GB")
+    if not out and t.kind == "pod" and t.pod is not None:
+        # No nvidia-smi in the container: RunPod's own view of the pod (runtime.gpus) is the next best.
+        for i, g in enumerate(((t.pod.raw.get("runtime") or {}).get("gpus")) or []):
+            out.append(f"  gpu {i} {t.pod.gpu_type_id}: {g.get('util', '?')}% busy, "
+                       f"{g.get('memoryUtil', '?')}% memory (RunPod API)")
+    if not out:
+        out.append("  gpu: none visible (nvidia-smi not found)")
     return out
 
 

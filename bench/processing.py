@@ -8,6 +8,7 @@ Meshes: every corpus mesh with >= --min-faces faces (small meshes would flatter 
 .devcache/bench/ (never committed). One worker process, so each mesh's CPU time (user+sys, measured inside
 the worker around its own work) is clean; the worker keeps its grids between meshes as a real run does, so
 the first mesh also pays their allocation. Prints a line per mesh with its stage breakdown, then median/p95.
+`--big --min-faces 10000000 --no-sculpt` runs the ~4.5M-face sculpt alone (peak RSS of a fresh worker).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ CORPUS = Path(os.environ.get("ULTRASHAPE_CORPUS", ROOT.parent / "shared" / "corp
 SCULPT_SRC = "odedstein/nefertiti__nefertiti-lowres.obj"
 
 
-def make_sculpt(cache_dir: Path) -> Path:
-    """~1.1M faces: two Loop subdivisions of a 70k-face scan, written as binary PLY (cached)."""
-    out = cache_dir / "nefertiti_loop2.ply"
+def make_sculpt(cache_dir: Path, iterations: int = 2) -> Path:
+    """70k * 4^iterations faces (2: ~1.1M, 3: ~4.5M): Loop subdivisions of a scan, binary PLY (cached)."""
+    out = cache_dir / f"nefertiti_loop{iterations}.ply"
     if out.is_file():
         return out
     import pymeshlab
@@ -45,8 +46,8 @@ def make_sculpt(cache_dir: Path) -> Path:
     try:
         ms = pymeshlab.MeshSet()
         ms.load_new_mesh(str(CORPUS / SCULPT_SRC))
-        ms.meshing_surface_subdivision_loop(iterations=2, threshold=pymeshlab.PercentageValue(0))
-        tmp = cache_dir / ".nefertiti_loop2.tmp.ply"
+        ms.meshing_surface_subdivision_loop(iterations=iterations, threshold=pymeshlab.PercentageValue(0))
+        tmp = cache_dir / f".nefertiti_loop{iterations}.tmp.ply"
         ms.save_current_mesh(str(tmp), binary=True, save_vertex_normal=False, save_vertex_color=False)
     finally:
         os.chdir(cwd)
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--num-views", type=int, default=16)
     ap.add_argument("--render-size", type=int, default=512)
     ap.add_argument("--no-sculpt", action="store_true", help="skip the 1M-face sculpt")
+    ap.add_argument("--big", action="store_true", help="also a ~4.5M-face sculpt (3 Loop subdivisions): the RAM check")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--keep", help="keep outputs in this folder instead of a temporary one")
     a = ap.parse_args()
@@ -79,6 +81,8 @@ def main() -> None:
     if not a.no_sculpt:
         sculpt = make_sculpt(ROOT / ".devcache" / "bench")
         (inp / "zz_sculpt_1M.ply").symlink_to(sculpt)
+    if a.big:
+        (inp / "zz_sculpt_4M.ply").symlink_to(make_sculpt(ROOT / ".devcache" / "bench", 3))
 
     cfg = ProcessingConfig(
         input_dir=str(inp),

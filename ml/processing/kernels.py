@@ -93,10 +93,12 @@ def _push(buf, m, value):
 
 
 @njit(cache=True, inline="always")
-def _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m):
+def _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m, band):
     if i < 0 or j < 0 or k < 0 or i >= n or j >= n or k >= n:
         return out, m
     d = max(_face_dist(np.float32(i), np.float32(j), np.float32(k), V, F, f), np.float32(1e-6))
+    if d > band:  # band points must stay near the surface (the flood fill's block painting relies on it)
+        return out, m
     idx = (i * n + j) * n + k
     old = flat[idx]
     if old == 0.0 or d < old:
@@ -108,10 +110,11 @@ def _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m):
 
 
 @njit(cache=True)
-def seed_band(V, F, dist, tri):
+def seed_band(V, F, dist, tri, band):
     """Exact unsigned distance at the grid points around every face, keeping the nearest face per point.
-    V is in voxel units. A small face seeds the grid points of its bounding box; a large one (a CAD quad,
-    a flat cap) seeds the corners of the cells under points sampled on it at < 1 voxel spacing, so seeding
+    V is in voxel units; points farther than `band` are left out. A small face seeds the grid points of
+    its bounding box (up to 4^3); a large one (a CAD quad,
+    a flat cap) seeds the grid points nearest to points sampled on it at < 1 voxel spacing, so seeding
     follows the area, not the bounding box (a box-sized triangle has ~n^3 points in its box).
     Propagation fills in the rest. Returns the seeded flat indices."""
     n = dist.shape[0]
@@ -127,11 +130,11 @@ def seed_band(V, F, dist, tri):
         hi0 = int(np.ceil(max(V[a, 0], max(V[b, 0], V[c, 0]))))
         hi1 = int(np.ceil(max(V[a, 1], max(V[b, 1], V[c, 1]))))
         hi2 = int(np.ceil(max(V[a, 2], max(V[b, 2], V[c, 2]))))
-        if hi0 - lo0 <= 2 and hi1 - lo1 <= 2 and hi2 - lo2 <= 2:
+        if (hi0 - lo0 + 1) * (hi1 - lo1 + 1) * (hi2 - lo2 + 1) <= 64:
             for i in range(lo0, hi0 + 1):
                 for j in range(lo1, hi1 + 1):
                     for k in range(lo2, hi2 + 1):
-                        out, m = _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m)
+                        out, m = _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m, band)
             continue
         e0 = np.sqrt((V[b, 0] - V[a, 0]) ** 2 + (V[b, 1] - V[a, 1]) ** 2 + (V[b, 2] - V[a, 2]) ** 2)
         e1 = np.sqrt((V[c, 0] - V[a, 0]) ** 2 + (V[c, 1] - V[a, 1]) ** 2 + (V[c, 2] - V[a, 2]) ** 2)
@@ -144,11 +147,9 @@ def seed_band(V, F, dist, tri):
                 x = V[a, 0] + wa * (V[b, 0] - V[a, 0]) + wb * (V[c, 0] - V[a, 0])
                 y = V[a, 1] + wa * (V[b, 1] - V[a, 1]) + wb * (V[c, 1] - V[a, 1])
                 z = V[a, 2] + wa * (V[b, 2] - V[a, 2]) + wb * (V[c, 2] - V[a, 2])
-                i0, j0, k0 = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
-                for i in range(i0, i0 + 2):
-                    for j in range(j0, j0 + 2):
-                        for k in range(k0, k0 + 2):
-                            out, m = _seed_point(i, j, k, n, V, F, f, flat, tflat, out, m)
+                # the nearest grid point only: at < 1 voxel spacing these are connected, and the
+                # propagation that follows gives their neighbours the same face's exact distance
+                out, m = _seed_point(int(np.rint(x)), int(np.rint(y)), int(np.rint(z)), n, V, F, f, flat, tflat, out, m, band)
     return out[:m]
 
 
@@ -473,6 +474,33 @@ def contour_field(dist, state, has, cout, B, level, band_idx, field, mask):
                     idx = c + (a * n + b) * n + e
                     fflat[idx] = _val(dflat, sflat, level, idx)
     return m
+
+
+# ----------------------------------------------------------------------------- mesh checks
+@njit(cache=True)
+def count_parts(F, nv):
+    """Connected components of the faces (union-find over vertices); unreferenced vertices do not count."""
+    parent = np.arange(nv)
+    for f in range(F.shape[0]):
+        for s in range(2):
+            a, b = F[f, s], F[f, s + 1]
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            while parent[b] != b:
+                parent[b] = parent[parent[b]]
+                b = parent[b]
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    used = np.zeros(nv, np.uint8)
+    for f in range(F.shape[0]):
+        for s in range(3):
+            used[F[f, s]] = 1
+    count = 0
+    for v in range(nv):
+        if used[v] and parent[v] == v:
+            count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------- point queries

@@ -153,13 +153,15 @@ def process_one(src: Path, uid: str, cfg: ProcessingConfig, out: Path) -> dict:
         raise Rejected("too_large", f"{src}: {len(F):,} faces > max_faces={cfg.max_faces:,}")
     lap("load")
 
-    used = np.unique(F)
-    if (V[used].max(0) - V[used].min(0)).max() <= 0:
-        raise Rejected("degenerate", f"{src}: all vertices coincide (zero extent)")
-    u, center, scale = smp.normalize(V[used])
-    remap = np.zeros(len(V), np.int64)
-    remap[used] = np.arange(len(used))
+    # drop unreferenced vertices (they would stretch the normalisation box); a mask, not np.unique: no sort
+    used = np.zeros(len(V), bool)
+    used[F.ravel()] = True
+    remap = np.cumsum(used) - 1
+    V = V[used]
     F = remap[F]
+    if (V.max(0) - V.min(0)).max() <= 0:
+        raise Rejected("degenerate", f"{src}: all vertices coincide (zero extent)")
+    u, center, scale = smp.normalize(V)
     fn, area = smp.face_normals_areas(u, F)
     if area.sum() <= 0:
         raise Rejected("degenerate", f"{src}: every face has zero area")

@@ -31,8 +31,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from skimage import measure
 
 from ml.processing import kernels
@@ -105,10 +103,11 @@ def make_watertight(
     V = (vertices01.astype(np.float32) * np.float32(R) + np.float32(pad)).astype(np.float32)
     F = np.ascontiguousarray(faces, dtype=np.int32)
     dist, state, mask = ws.dist, ws.state, ws.mask
-    seeds = kernels.seed_band(V, F, dist, ws.tri)
-    tm("wt_seed")
     # +1.5: the neighbours of every blocked point need a true distance for the marching-cubes interpolation.
-    band_idx = kernels.propagate_band(V, F, dist, ws.tri, seeds, np.float32(level + close_holes + 1.5))
+    band = np.float32(level + close_holes + 1.5)
+    seeds = kernels.seed_band(V, F, dist, ws.tri, band)
+    tm("wt_seed")
+    band_idx = kernels.propagate_band(V, F, dist, ws.tri, seeds, band)
     del seeds
     tm("wt_band")
     has, cout = kernels.flood_outside(dist, band_idx, np.float32(level + close_holes), block, state)
@@ -185,11 +184,7 @@ def check_watertight(vertices: np.ndarray, faces: np.ndarray) -> dict:
     inconsistent = int(((key[pairs] & 1) == (key[pairs + 1] & 1)).sum())
     volume = _signed_volume(vertices, faces)
     degenerate = int(((f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])).sum())
-    adj = coo_matrix((np.ones(a.size, np.int8), (a, b)), shape=(nv, nv))
-    parts = int(connected_components(adj, directed=False)[0]) if nv else 0
-    used = np.zeros(nv, bool)
-    used[f.ravel()] = True
-    parts -= int((~used).sum())  # isolated vertices are not parts
+    parts = int(kernels.count_parts(f, nv)) if nv else 0
     ok = boundary == 0 and nonmanifold == 0 and inconsistent == 0 and degenerate == 0 and volume > 0 and len(f) > 0
     return {
         "watertight": bool(ok),

@@ -367,7 +367,13 @@ def _run_pending(pending, cfg, out, fp, records, progress, tqdm, entries) -> Non
                 if s.task is None and queue:
                     e = queue.pop(0)
                     s.task, s.deadline, s.t0 = e, time.time() + cfg.timeout_s, time.time()
-                    s.conn.send(("task", e["path"], e["uid"]))
+                    try:
+                        s.conn.send(("task", e["path"], e["uid"]))
+                    except OSError:  # the idle worker died (killed from outside): replace it, send again
+                        s.kill()
+                        s.start()
+                        s.task, s.deadline, s.t0 = e, time.time() + cfg.timeout_s, time.time()
+                        s.conn.send(("task", e["path"], e["uid"]))
             busy = [s for s in slots if s.task]
             ready = mp_wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=0.5)
             now = time.time()

@@ -124,9 +124,16 @@ class SDF:
     def __call__(self, P: np.ndarray) -> np.ndarray:
         R = self.wt.resolution
         Pv = (np.clip(P, 0.0, 1.0) * np.float32(R)).astype(np.float32)
+        # queries in coarse-cell order: neighbouring queries walk the same vertices, which keeps them in
+        # cache (random order was ~2x slower at 512^3)
+        cell = (Pv // np.float32(self.coarse * 2)).astype(np.int64)
+        order = np.argsort((cell[:, 0] * 4096 + cell[:, 1]) * 4096 + cell[:, 2], kind="stable")
+        Ps = P[order]
         d = kernels.surface_distance(
-            Pv, np.float32(self.coarse), self.Vvox, self.wt.faces, self.ring_ptr, self.ring_faces,
+            Pv[order], np.float32(self.coarse), self.Vvox, self.wt.faces, self.ring_ptr, self.ring_faces,
             self.near, self.nc, np.float32(self.trunc * R),
         )
-        d = np.minimum(d / np.float32(R), np.float32(self.trunc))
-        return (d * self.wt.sign(P)).astype(np.float32)
+        d = np.minimum(d / np.float32(R), np.float32(self.trunc)) * self.wt.sign(Ps)
+        out = np.empty(len(P), np.float32)
+        out[order] = d
+        return out

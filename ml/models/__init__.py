@@ -46,6 +46,10 @@ RefineDiT (ml/models/dit.py)
     dit.compile_kernels()   torch.compile the q/k norm + RoPE (same numbers)
     Rows whose context is all zeros (unconditional / CFG-dropped) skip the cross-attention, whose
     output there is exactly out_proj.bias.
+    dit.skip_zero_context = False   compute that cross-attention anyway (same output; its weights then
+        get a zero gradient instead of none: what data-parallel training needs)
+    Under bf16 autocast q/k RMS norm and RoPE run in bf16 (fused rms_norm kernel, one roll + addcmul)
+    and the MoE dispatches tokens sorted by expert with gather-only backward (bf16-noise changes only).
 
 ImageConditioner (ml/models/conditioner.py)
     tokens, token_mask = conditioner(image, mask=None, disable_drop=True, generator=None)

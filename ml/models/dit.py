@@ -68,20 +68,62 @@ def _interleaved_heads(parts: list[torch.Tensor], num_heads: int) -> list[torch.
     B, T, C = parts[0].shape
     n = len(parts)
     hd = C // num_heads
-    cat = torch.cat(parts, dim=-1).view(B, T, num_heads, n * hd)
+    cat = _joined(parts)
+    if cat is None:
+        cat = torch.cat(parts, dim=-1)
+    cat = cat.view(B, T, num_heads, n * hd)
     return [p.transpose(1, 2) for p in cat.split(hd, dim=-1)]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (B, T, hd) float32. rotate_half convention, computed in float32."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rot = torch.cat((-x2, x1), dim=-1)
-    out = x.float() * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
-    return out.to(x.dtype)
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The contiguous tensor that `parts` are consecutive last-dim slices of (as `fused.split(C, -1)` returns
+    them), or None. Lets the fused q/k/v projection skip a copy that would rebuild exactly that tensor."""
+    if torch.compiler.is_compiling():
+        return None  # no storage to inspect while tracing; the compiler removes the copy itself
+    base = parts[0]._base
+    if base is None or not base.is_contiguous() or base.shape[:-1] != parts[0].shape[:-1]:
+        return None
+    if base.shape[-1] != sum(p.shape[-1] for p in parts):
+        return None
+    off = base.data_ptr()
+    for p in parts:
+        if p._base is not base or p.data_ptr() != off or p.stride() != base.stride():
+            return None
+        off += p.shape[-1] * p.element_size()
+    return base
+
+
+def rope_tables(voxel_idx: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin (B, 1, 1+N, head_dim) in `dtype`, for the timestep token (angle 0) + N voxel tokens:
+    what apply_rope takes. Built once per forward in the dtype q and k have (bf16 under autocast), so the 21
+    blocks do not each re-cast or broadcast them."""
+    cos, sin = rope_3d(voxel_idx, head_dim, theta)
+    cos = torch.cat([torch.ones_like(cos[:, :1]), cos], dim=1)
+    sin = torch.cat([torch.zeros_like(sin[:, :1]), sin], dim=1)
+    half = head_dim // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's sign, folded into the table
+    return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos / signed sin (B, 1, T, hd) from rope_tables, in x's dtype.
+
+    rotate_half(x) * sin = [-x2 | x1] * [s1 | s2] = roll(x, hd/2) * [-s1 | s2]: one roll and one fused
+    multiply-add instead of float32 copies, a negation and a concatenation (the same numbers in float32; under
+    bf16 autocast the rotation now runs in bf16, as the attention that consumes it does)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def _qk_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMS norm in x's dtype: under autocast the fp32 weight would make torch fall back from its fused kernel to
+    a float32 composite (several passes over q and k, and float32 outputs); the weight is cast instead."""
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+    return norm(x)
 
 
 def rope_3d(voxel_idx: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, N, head_dim) for integer voxel indices (B, N, 3).
+    """cos, sin (B, N, head_dim) float32 for integer voxel indices (B, N, 3).
 
     head_dim is split into x/y/z thirds (z takes the remainder); each third gets the usual
     1/theta^(2i/d) frequencies, and the angle vector is duplicated for rotate_half.
@@ -101,7 +143,7 @@ def rope_3d(voxel_idx: torch.Tensor, head_dim: int, theta: float = 10000.0) -> t
 def _norm_rope(q, k, cos, sin, q_norm: nn.Module, k_norm: nn.Module):
     """RMS q/k norm then RoPE: the elementwise work between the qkv matmul and attention
     (what torch.compile fuses into one pass when RefineDiT.compile_kernels() is on)."""
-    return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin)
+    return apply_rope(_qk_norm(q_norm, q), cos, sin), apply_rope(_qk_norm(k_norm, k), cos, sin)
 
 
 class SelfAttention(nn.Module):
@@ -154,8 +196,11 @@ class CrossAttention(nn.Module):
                 out[live] = self.forward(x[live], ctx[live], None if ctx_mask is None else ctx_mask[live])
             return out
         q = self.to_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # plain split for q
-        k, v = _interleaved_heads([self.to_k(ctx), self.to_v(ctx)], self.num_heads)  # interleaved for k/v
-        q, k = self.q_norm(q), self.k_norm(k)
+        # k and v from one matmul (as for self-attention), then the interleaved head layout
+        w = torch.cat([self.to_k.weight, self.to_v.weight])
+        b = None if self.to_k.bias is None else torch.cat([self.to_k.bias, self.to_v.bias])
+        k, v = _interleaved_heads(list(F.linear(ctx, w, b).split(C, dim=-1)), self.num_heads)
+        q, k = _qk_norm(self.q_norm, q), _qk_norm(self.k_norm, k)
         mask = None if ctx_mask is None else ctx_mask[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -207,6 +252,37 @@ class _InjectAuxLoss(torch.autograd.Function):
         return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
 
 
+class _Permute(torch.autograd.Function):
+    """rows of x in the order `idx` (a permutation); backward gathers with the inverse permutation `inv`."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """Row j of the output is x[idx[j] // k] (each of N rows sent to k slots, in the order idx). Backward: the
+    inverse permutation, then the sum over each row's k slots (a gather and a reduction, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, torch.div(idx, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        g = grad.index_select(0, inv)
+        return g.view(-1, ctx.k, g.shape[-1]).sum(dim=1), None, None, None
+
+
 class MoEGate(nn.Module):
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
@@ -230,23 +306,32 @@ class MoE(nn.Module):
         self.every_expert = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # (N, C)
+        shape, in_dtype = x.shape, x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # the gate, the experts and the shared expert would each cast x (a float32 LayerNorm output under
+            # autocast) to bf16; casting once gives the same bf16 inputs and halves the dispatch copies below
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        N, C, k = x[..., 0].numel(), shape[-1], self.top_k
+        flat = x.reshape(N, C)
         scores = F.linear(flat, self.gate.weight).softmax(dim=-1)  # (N, E)
-        topk_w, topk_idx = torch.topk(scores, self.top_k, dim=-1)  # (N, k)
-        y = torch.zeros_like(flat)
-        # group tokens by expert: one dense matmul per expert on just its tokens
+        topk_w, topk_idx = torch.topk(scores, k, dim=-1)  # (N, k)
+        # Sorted dispatch: the N*k (token, slot) pairs ordered by expert, so each expert runs one dense matmul
+        # on a contiguous slice. Moving rows in and out is a pure permutation (_Permute), whose backward is the
+        # inverse permutation: gathers only, no scatter-add (index_add_ / x[idx] backward use atomics).
         order = topk_idx.flatten().argsort()
-        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()
-        tok = order // self.top_k
-        w = topk_w.flatten()[order].unsqueeze(-1)
-        start = 0
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()  # the one host sync
+        xs = _Dispatch.apply(flat, order, inv, k)  # (N*k, C): token order[j] // k's row, grouped by expert
+        outs, start = [], 0
         for e, n in enumerate(counts):
             if n or self.every_expert:
-                sel = tok[start:start + n]
-                y.index_add_(0, sel, (self.experts[e](flat[sel]) * w[start:start + n]).to(y.dtype))
+                outs.append(self.experts[e](xs[start:start + n]))
             start += n
-        y = y.view(shape)
+        ys = _Permute.apply(torch.cat(outs), inv, order).view(N, k, -1)  # back to (token, slot) order
+        # weighted sum over the k slots (gate weights not renormalised), in the input's dtype (float32 under
+        # autocast, as the scatter-add buffer was before)
+        y = (ys * topk_w.unsqueeze(-1).to(in_dtype)).sum(dim=1).view(shape)  # promotes bf16 ys to in_dtype
         if self.training and self.aux_alpha > 0:
             E = len(self.experts)
             f = F.one_hot(topk_idx.flatten(), E).float().mean(0) * E  # fraction routed, times E
@@ -325,6 +410,11 @@ class RefineDiT(nn.Module):
             for i in range(cfg.depth)
         ])
         self.final_layer = FinalLayer(C, cfg.in_channels)
+        # True: a sample whose image context is all zeros (CFG-dropped / unconditional) skips its
+        # cross-attention, whose output is then out_proj's bias alone (same numbers, less work). Its to_q/to_k/
+        # to_v/out_proj weights then get no gradient from that sample; data-parallel training, where every rank
+        # must produce every gradient, switches this off (ml.training.engine.make_graph_static).
+        self.skip_zero_context = True
 
     def forward(
         self,
@@ -346,18 +436,21 @@ class RefineDiT(nn.Module):
             raise ValueError(f"voxel_idx has shape {tuple(voxel_idx.shape)}; expected ({B}, {N}, 3), one index per latent token")
         if t.ndim == 0:
             t = t.expand(B)
-        cos_v, sin_v = rope_3d(voxel_idx, self.cfg.head_dim, self.cfg.rope_theta)
-        cos = torch.cat([torch.ones_like(cos_v[:, :1]), cos_v], dim=1)  # timestep token: angle 0
-        sin = torch.cat([torch.zeros_like(sin_v[:, :1]), sin_v], dim=1)
         h = torch.cat([self.t_embedder(t), self.x_embedder(x)], dim=1)  # (B, 1+N, C)
+        dev = h.device.type
+        # q and k come out of a Linear: bf16 under autocast, else the weights' dtype; RoPE runs in that dtype
+        qk_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.x_embedder.weight.dtype
+        cos, sin = rope_tables(voxel_idx, self.cfg.head_dim, self.cfg.rope_theta, qk_dtype)  # timestep token: angle 0
         cond = cond.to(h.dtype)
         if cond_mask is None:
             # official convention: a context row that is all -1 is padding (batched masked images)
             pad = (cond == -1).all(dim=-1)
             cond_mask = ~pad if bool(pad.any()) else None
         # rows with an all-zero context (unconditional branch): their cross-attention is a constant
-        zero = (cond == 0).flatten(1).all(dim=1)
-        live = (~zero).nonzero().squeeze(1) if bool(zero.any()) else None
+        live = None
+        if self.skip_zero_context:
+            zero = (cond == 0).flatten(1).all(dim=1)
+            live = (~zero).nonzero().squeeze(1) if bool(zero.any()) else None
         skips = []
         half = self.cfg.depth // 2
         for i, block in enumerate(self.blocks):
@@ -369,7 +462,7 @@ class RefineDiT(nn.Module):
     def compile_kernels(self) -> "RefineDiT":
         """torch.compile the per-block elementwise work (q/k RMS norm + RoPE) into fused kernels.
 
-        Same math (float32 RoPE as in eager); saves several memory passes over q and k per block at
+        Same math (RoPE in q's dtype as in eager); saves several memory passes over q and k per block at
         32k tokens. The matmuls and attention already run in cuBLAS / flash kernels."""
         fused = torch.compile(_norm_rope, dynamic=False)
         for b in self.blocks:

@@ -244,21 +244,15 @@ def make_graph_static(model: nn.Module) -> int:
     gradient hooks fire in different orders and the collectives no longer match (gloo: "Received data size
     doesn't match expected size"; NCCL: a hang or garbage). ml.models skips two kinds of work that depend on
     the data: MoE experts routed no token, and the cross-attention of a sample whose image context is all
-    zeros (a CFG-dropped sample). Both skips return the same values as computing; here we compute, so every
-    parameter gets a (zero) gradient on every rank. Returns the number of modules patched."""
-    from ml.models.dit import CrossAttention
+    zeros (a CFG-dropped sample). Both skips return the same values as computing; here we switch them off
+    (the models' own flags `MoE.every_expert` and `RefineDiT.skip_zero_context`), so every parameter gets a
+    (zero) gradient on every rank. Returns the number of modules switched."""
+    from ml.models.dit import RefineDiT
 
     n = run_every_expert(model)
     for m in model.modules():
-        if isinstance(m, CrossAttention):
-            inner = m.forward
-
-            def fwd(x, ctx, ctx_mask=None, live=None, _inner=inner):
-                # live=None: attend for every row; a zero context gives v = 0, so the output is out_proj's bias,
-                # exactly what the skip returns
-                return _inner(x, ctx, ctx_mask)
-
-            m.forward = fwd
+        if isinstance(m, RefineDiT):
+            m.skip_zero_context = False
             n += 1
     return n
 

@@ -205,3 +205,11 @@ def test_corpus_broken_batch(corpus_dir, tmp_path):
     assert rep["garbage.obj"]["reason"] in ("unreadable", "empty")
     assert rep["flat.obj"]["reason"] == "degenerate"
     assert s["ok"] == 7
+
+
+def test_too_large_is_rejected_before_the_work(examples_copy, tmp_path):
+    s = run(tiny(examples_copy, tmp_path / "out", max_faces=4000), progress=False)
+    rep = report(tmp_path / "out")
+    big = {k for k, v in rep.items() if v.get("reason") == "too_large"}
+    assert big == {"cow.obj", "elephant.off"}  # 5,804 and 5,558 faces; the others have fewer than 4,000
+    assert all("max_faces" in rep[k]["message"] for k in big) and s["ok"] == 3

@@ -530,6 +530,16 @@ class RunPodClient:
         try:
             body = self.request("POST", f"/v2/pods/{pod_id}/action", json={"action": action}, retry_lost=False)
         except RunPodError as e:
+            if e.status_code == 409:
+                # 409: the action is not valid for the pod's current status. If the pod is already where the
+                # action would take it (the watchdog stopped it while `fab teardown` waited for jobs), that is
+                # success, not an error; otherwise (e.g. stop on a pod in ERROR) the 409 stands.
+                pod = self.find_pod(pod_id)
+                if action == "terminate" and (pod is None or pod.status == "TERMINATED"):
+                    return None
+                if pod is not None and _action_done(action, pod.status):
+                    return pod
+                raise
             if not e.lost:
                 raise
             # Read the pod (GET is retried) and finish the job only if it did not happen.

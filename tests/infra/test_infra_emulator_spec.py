@@ -47,7 +47,8 @@ def _exercise(emu: RunPodEmulator) -> None:
     fails(rp.update_pod, pod.id, mounts={"network": [{"volumeId": vol.id, "path": "/workspace"}]})  # 400 kind
     rp.restart_pod(pod.id)
     rp.stop_pod(pod.id)
-    fails(rp.stop_pod, pod.id)  # 409
+    assert rp.stop_pod(pod.id).status == "EXITED"  # a 409 for a pod already stopped is success
+    fails(rp.restart_pod, pod.id)  # 409: restart is not allowed on an EXITED pod
     rp.start_pod(pod.id)
     on_vol = rp.create_pod(PodRequest(name="ultrashape-h100", image="runpod/pytorch:x",
                                       gpu_type_id="NVIDIA H100 80GB HBM3", network_volume_id=vol.id))

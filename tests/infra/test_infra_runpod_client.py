@@ -169,8 +169,18 @@ def test_invalid_action_is_409(emu, client):
     pod = client.create_pod(req(emu))
     client.stop_pod(pod.id)
     with pytest.raises(RunPodError) as ei:
-        client.stop_pod(pod.id)
+        client.restart_pod(pod.id)
     assert ei.value.status_code == 409
+
+
+def test_stop_of_a_pod_already_stopped_is_success(emu, client):
+    """The watchdog may stop the pod while `fab teardown` waits for jobs: teardown's own stop then gets
+    a 409 from RunPod, which must read as done, not as an error."""
+    pod = client.create_pod(req(emu))
+    client.stop_pod(pod.id)
+    again = client.stop_pod(pod.id)
+    assert again.status == "EXITED"
+    assert [x.status for x in emu.requests_to("POST", f"/v2/pods/{pod.id}/action")] == [200, 409]  # sent, 409'd, read as done
 
 
 def test_bad_key_and_missing_key(emu, monkeypatch):

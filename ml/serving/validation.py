@@ -343,6 +343,22 @@ def _decode_mesh(data: bytes, limits: LimitsConfig):
         loaded = _load_polygon_off(data, limits)
 
     if isinstance(loaded, trimesh.Scene):
+        # dump() copies every geometry once per node that instances it: a small GLB whose one mesh
+        # is referenced by thousands of nodes expands to gigabytes there. Count the faces the
+        # flattened scene would have first and refuse before building it.
+        n_inst = 0
+        for node in loaded.graph.nodes_geometry:
+            g = loaded.geometry.get(loaded.graph[node][1])
+            n_inst += len(g.faces) if isinstance(g, trimesh.Trimesh) else 0
+            if n_inst > limits.max_mesh_faces:
+                raise RequestError(
+                    413,
+                    "mesh_too_large",
+                    f"'coarse_mesh' has more than {limits.max_mesh_faces} faces once its scene instances are "
+                    f"expanded ({len(loaded.graph.nodes_geometry)} instances); the limit is "
+                    f"{limits.max_mesh_faces} (decimate it or export it without instancing)",
+                    MESH_FIELD,
+                )
         geoms = [g for g in loaded.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces)]
         if not geoms:
             raise RequestError(

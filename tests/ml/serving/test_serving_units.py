@@ -263,3 +263,29 @@ def test_empty_ascii_stl_is_an_empty_mesh_not_an_unknown_format():
     with pytest.raises(RequestError) as e:
         decode_mesh(b"solid Empty\nendsolid Empty\n", LIM)
     assert e.value.code == "empty_mesh"
+
+
+def test_decode_mesh_refuses_instanced_scene_before_expanding_it(monkeypatch):
+    # One 320-face sphere referenced by 2,000 nodes: under 1 MB of GLB, 640k faces once flattened.
+    # The cap must apply to the flattened count *before* trimesh builds the copies (an 8,000-node
+    # version of this took 5.3 GB in the worker), so flattening here is an error.
+    sphere = trimesh.creation.icosphere(2)
+    scene = trimesh.Scene()
+    scene.add_geometry(sphere, geom_name="sphere", node_name="n0")
+    for i in range(1, 2000):
+        tf = np.eye(4)
+        tf[:3, 3] = [i % 50, i // 50, 0]
+        scene.graph.update(frame_to=f"n{i}", frame_from=scene.graph.base_frame, matrix=tf, geometry="sphere")
+    data = scene.export(file_type="glb")
+    assert len(data) < 1_000_000
+    loaded = trimesh.load(io.BytesIO(data), file_type="glb", process=False)
+    assert len(loaded.geometry) == 1 and len(loaded.graph.nodes_geometry) == 2000  # instancing survived export
+
+    def no_flatten(self, *a, **k):
+        raise AssertionError("the scene was flattened before the instanced face count was checked")
+
+    monkeypatch.setattr(trimesh.Scene, "dump", no_flatten)
+    with pytest.raises(RequestError) as e:
+        decode_mesh(data, LimitsConfig(max_mesh_faces=100_000, max_mesh_vertices=100_000))
+    assert e.value.status == 413 and e.value.code == "mesh_too_large"
+    assert "instances" in str(e.value)

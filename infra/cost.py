@@ -143,16 +143,20 @@ class Scenario:
             raise ValueError("processing on a CPU pod needs the shared network volume (CPU pods have no pod volume)")
 
 
+# In the order the kit delivers them: the rows up to "+ kit processing speed" are what the kit does today
+# (the stacks make GPU pods only, so processing runs on the GPU pod); the last row is a proposal that is not
+# built yet (a CPU-pod stack for upload and processing on the shared network volume), priced so its worth is seen.
 SCENARIOS = (
     Scenario("seed plan"),
     Scenario("+ one reused network volume", shared_volume=True),
-    Scenario("+ processing on a CPU pod", shared_volume=True, cpu_processing=True),
-    Scenario("+ autostop watchdog", shared_volume=True, cpu_processing=True, autostop=True),
-    Scenario("+ kit training step (measured)", shared_volume=True, cpu_processing=True, autostop=True,
-             kit_training=True),
-    Scenario("+ kit processing speed", shared_volume=True, cpu_processing=True, autostop=True, kit_training=True,
-             kit_processing=True),
+    Scenario("+ autostop watchdog", shared_volume=True, autostop=True),
+    Scenario("+ kit training step (measured)", shared_volume=True, autostop=True, kit_training=True),
+    Scenario("+ kit processing speed", shared_volume=True, autostop=True, kit_training=True, kit_processing=True),
+    Scenario("+ processing on a CPU pod (not built)", shared_volume=True, cpu_processing=True, autostop=True,
+             kit_training=True, kit_processing=True),
 )
+# The last row the kit actually delivers (the goal is judged on it).
+AS_BUILT = 4
 
 
 @dataclass
@@ -246,20 +250,20 @@ def format_cost_table(cfg: CostModelConfig, detail: bool = True) -> str:
     out.append(f"Seed plan as stated: ${cfg.seed_total_usd:.0f}. Reconstructed from configs/cost.yaml: ${seed_usd:.2f} "
                f"({seed_usd - cfg.seed_total_usd:+.2f}).")
     out.append("")
-    out.append(f"{'scenario (cumulative)':<34} {'total':>10} {'change':>10} {'GPU-pod h':>10}")
+    out.append(f"{'scenario (cumulative)':<38} {'total':>10} {'change':>10} {'GPU-pod h':>10}")
     prev = None
     for sc, lines, usd in rows:
         gpu_h = sum(l.hours for l in lines if l.rate.endswith("/h") and "CPU pod" not in l.what)
         change = "" if prev is None else f"{usd - prev:+.2f}"
-        out.append(f"{sc.name:<34} {'$%.2f' % usd:>10} {change:>10} {gpu_h:>10.1f}")
+        out.append(f"{sc.name:<38} {'$%.2f' % usd:>10} {change:>10} {gpu_h:>10.1f}")
         prev = usd
-    final = rows[-1][2]
+    final = rows[AS_BUILT][2]
     verdict = "meets" if final <= cfg.goal_usd else "MISSES"
     out.append("")
-    out.append(f"Kit total ${final:.2f} vs seed ${seed_usd:.2f}: {verdict} the goal of <= ${cfg.goal_usd:.0f} "
-               f"({100 * (1 - final / seed_usd):.0f}% less).")
+    out.append(f"Kit as built ${final:.2f} vs seed ${seed_usd:.2f}: {verdict} the goal of <= ${cfg.goal_usd:.0f} "
+               f"({100 * (1 - final / seed_usd):.0f}% less); with a CPU-pod stack (not built) ${rows[-1][2]:.2f}.")
     if detail:
-        for sc, lines, usd in (rows[0], rows[-1]):
+        for sc, lines, usd in (rows[0], rows[AS_BUILT]):
             out.append("")
             out.append(f"{sc.name}: ${usd:.2f}")
             for l in lines:

@@ -215,6 +215,11 @@ def preprocess_image(image, size: int = 1024, border_ratio: float = 0.15, name: 
     desired = int(side * (1 - border_ratio))
     scale = desired / max(h, w)
     h2, w2 = int(h * scale), int(w * scale)
+    if h2 == 0 or w2 == 0:
+        # the official preprocessing fails here too (OpenCV refuses a 0-pixel resize target)
+        raise ValueError(f"{name}: the object is too thin after cropping: its {w}x{h}-pixel box becomes "
+                         f"{w2}x{h2} pixels when fitted into the {desired}-pixel square. Pass a view where "
+                         f"the object is at least a few pixels wide and high")
     crop = _resize_area(rgba[y0:y1, x0:x1], w2, h2)
     canvas = np.zeros((side, side, 4), dtype=np.uint8)
     oy, ox = (side - h2) // 2, (side - w2) // 2

@@ -115,6 +115,10 @@ def test_bad_inputs_are_clear_value_errors(pipe, view, tmp_path):
     except ImportError:
         with pytest.raises(ValueError, match="no alpha channel.*RGBA PNG"):
             preprocess_image(rgb, 64, name="photo.jpg")
+    stripe = np.zeros((600, 600, 4), dtype=np.uint8)
+    stripe[300:302, 20:580] = 255  # 2 px high: 0 px once fitted into the square (was a ZeroDivisionError)
+    with pytest.raises(ValueError, match="stripe.png: the object is too thin after cropping"):
+        preprocess_image(Image.fromarray(stripe, "RGBA"), 64, name="stripe.png")
     clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     with pytest.raises(ValueError, match="empty.png: the alpha channel is empty"):
         preprocess_image(clear, 64, name="empty.png")

@@ -180,6 +180,15 @@ def _mesh_bytes(kind: str) -> bytes:
     raise KeyError(kind)
 
 
+def _thin_stripe_png() -> bytes:
+    # 600x600, opaque only in a 2-px horizontal stripe: fitted into the square it is 0 px high
+    a = np.zeros((600, 600, 4), dtype=np.uint8)
+    a[300:302, 20:580] = (200, 50, 50, 255)
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _case(files=None, data=None, content=None, ctype=None):
     return {"files": files, "data": data, "content": content, "ctype": ctype}
 
@@ -245,6 +254,11 @@ BAD = {
         lambda p, g: _case(files={"image": ("v.png", p), "coarse_mesh": ("m.obj", b"v 1 2\nv x y z\nf 9 9 9\n")}),
         422,
         {"corrupt_mesh", "empty_mesh", "invalid_mesh"},
+    ),
+    "image_object_too_thin": (
+        lambda p, g: _case(files={"image": ("v.png", _thin_stripe_png()), "coarse_mesh": ("m.glb", g)}),
+        422,
+        {"unrefinable_input"},
     ),
     "mesh_too_many_faces": (lambda p, g: _case(files={"image": ("v.png", p), "coarse_mesh": ("m.glb", _mesh_bytes("too_many_faces"))}), 413, {"mesh_too_large"}),
     "mesh_over_byte_cap": (

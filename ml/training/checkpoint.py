@@ -9,7 +9,7 @@ Layout of a run's checkpoints/ folder:
 
 Every rank writes into `.tmp-step_NNNNNNN/`; after a barrier rank 0 renames it to `step_NNNNNNN/` and then
 replaces `latest` (write temp + os.replace). A kill at any moment leaves either the previous checkpoint as
-`latest` or the new one, never a half-written one that `latest` names.
+`latest` or the new one, never a half-written one that `latest` names (a step saved twice: see _install).
 """
 
 from __future__ import annotations
@@ -82,13 +82,27 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: 
     _barrier()
     if rank == 0:
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again after a resume: the new one replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _install(tmp, final)
         atomic_write_text(ckpt_dir / "latest", tag + "\n")
         _prune(ckpt_dir, keep, protect=tag)
     _barrier()
     return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Put a finished tmp folder at `final`. The same step saved again (after a resume) replaces the old one:
+    it is first renamed aside, so `final` (which `latest` may name) exists at every moment but the instant of
+    two renames, never deleted before the new one is in place. Its universal conversion is of the old weights,
+    so it goes too (ensure_universal would otherwise reuse it)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}.{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(final.with_name(final.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(d: Path) -> None:
@@ -112,6 +126,14 @@ def latest_in(run_dir: Path) -> Path | None:
     if not f.is_file():
         return None
     p = ck / f.read_text().strip()
+    if not p.is_dir():
+        # killed between _install's two renames: the previous save of that step is still whole, set aside
+        for old in sorted(ck.glob(f".old-{p.name}.*"), key=lambda o: o.stat().st_mtime, reverse=True):
+            try:
+                os.replace(old, p)
+                break
+            except OSError:  # another rank recovered it first
+                pass
     return p if p.is_dir() else None
 
 

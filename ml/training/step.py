@@ -11,6 +11,7 @@ official trainer does. The MoE load-balancing loss enters through the DiT's own 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,11 @@ from ml.models.flow_matching import flow_matching_loss
 from ml.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+def _uid_seed(seed: int, uid: str) -> int:
+    """A stable 63-bit seed for one sample (Python's hash() of a str changes per process)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{uid}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 class TrainModels:
@@ -58,7 +64,11 @@ class TrainModels:
             if f.is_file():
                 m, lv, vi = torch.load(f, map_location=self.device)
             else:
-                m, lv, vi = vae.encode_tokens(batch["surface"][i : i + 1].to(self.device, dtype), generator=gen)
+                # Its own generator from (run seed, uid): encode_tokens otherwise draws its voxel and point
+                # permutations from the global CPU RNG (or `gen`), which a cached sample skips, so a resumed run
+                # (cache already filled) would shift every later random draw and no longer match bit for bit.
+                own = torch.Generator().manual_seed(_uid_seed(self.cfg.run.seed, uid))
+                m, lv, vi = vae.encode_tokens(batch["surface"][i : i + 1].to(self.device, dtype), generator=own)
                 tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
                 torch.save((m.cpu(), lv.cpu(), vi.cpu()), tmp)
                 os.replace(tmp, f)

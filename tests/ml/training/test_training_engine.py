@@ -168,3 +168,27 @@ def test_latent_cache_encodes_once_then_resamples_the_posterior(cfg, tmp_path):
     hook.remove()
     assert not calls and torch.equal(v1, v2) and z1.shape == z2.shape
     assert not torch.equal(z1, z2)  # a fresh posterior sample around the cached mean
+
+
+def test_latent_cache_leaves_the_global_rng_as_a_cached_sample_does(cfg, tmp_path):
+    """A resumed run finds the cache filled; the first run filled it. The global RNG (which every later draw
+    of the run uses) must end in the same state either way, or the resume is no longer bit-exact."""
+    from ml.training.step import TrainModels
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        models = build_models(cfg.model.arch)
+    tm = TrainModels(models, cfg, torch.device("cpu"), tmp_path / "cache")
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(1, 2560, 3, generator=g)
+    d = d / d.norm(dim=-1, keepdim=True)
+    batch = {"uid": ["a"], "surface": torch.cat([0.8 * d, d, torch.zeros(1, 2560, 1)], dim=-1)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        z_miss, v_miss = tm.encode(batch)  # not cached yet: runs the encoder
+        after_miss = torch.get_rng_state()
+        torch.manual_seed(5)
+        z_hit, v_hit = tm.encode(batch)  # cached
+        after_hit = torch.get_rng_state()
+    assert torch.equal(after_miss, after_hit)
+    assert torch.equal(v_miss, v_hit) and torch.equal(z_miss, z_hit)  # same posterior sample too

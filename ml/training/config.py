@@ -142,4 +142,7 @@ class TrainConfig:
 
 # Keys that fix what a checkpoint *is*; a resumed run must not change them. Everything else (max_steps,
 # logging, checkpoint cadence, workers) may change on resume, as nanoGPT lets run settings change.
-FROZEN_ON_RESUME = ("model.arch", "model.lora", "data.pc_size", "data.sharpedge_label", "deepspeed.zero_stage", "deepspeed.precision")
+# train.micro_batch: the saved data position counts micro-batches (DataOrder converts only world-size changes),
+# so another micro-batch size would land elsewhere in the epoch.
+FROZEN_ON_RESUME = ("model.arch", "model.lora", "data.pc_size", "data.sharpedge_label", "deepspeed.zero_stage",
+                    "deepspeed.precision", "train.micro_batch")

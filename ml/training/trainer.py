@@ -60,6 +60,31 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
+class BrokenUids:
+    """The distinct training samples that failed to load. The limit is a share of the training list, so a
+    sample counts once however many epochs draw it (one bad mesh in 100 must not stop a run at epoch 6)."""
+
+    def __init__(self, max_fraction: float, n_train: int, log_path: Path) -> None:
+        self.max_fraction, self.n_train, self.log_path = max_fraction, n_train, log_path
+        self.uids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def update(self, uids) -> None:
+        """Restore (a resume): no check, the saved run was within its limit."""
+        self.uids.update(uids)
+
+    def add(self, uids) -> None:
+        before = len(self.uids)
+        self.uids.update(uids)
+        if len(self.uids) > before and len(self.uids) > max(self.max_fraction * self.n_train, 0):
+            raise BrokenDataError(
+                f"{len(self.uids)} distinct training samples failed to load (see {self.log_path}), more than "
+                f"data.max_broken_fraction={self.max_fraction} of {self.n_train}; re-run ml.processing"
+            )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, config_path: Path | None, resume: str | None, argv: list[str]) -> None:
         self.rank, self.local_rank, self.world = init_distributed(cfg)
@@ -143,15 +168,15 @@ class Trainer:
         # ---- state
         self.step = 0  # optimizer steps done
         self.micro = 0  # global micro-batches drawn (data position)
-        self.broken: list[dict] = []
-        self.broken_total = 0.0
+        self.broken: list[dict] = []  # this rank's broken training samples since the last optimizer step
+        self.broken_uids = BrokenUids(cfg.data.max_broken_fraction, len(self.train_ds), run_dir / "broken_samples.jsonl")
         self.samples_seen = 0  # training samples of all optimizer steps so far (over resumes and world sizes)
         self.elapsed = 0.0  # training seconds before this process (for the ETA and samples/s over resumes)
         if self.resume_dir is not None:
             client = ckpt.load(self.engine, self.resume_dir, self.rank, self.world, universal)
             self.step = int(client["step"])
             self.micro = self.order.convert(int(client["micro_step"]), int(client["world_size"]))
-            self.broken_total = float(client.get("broken_samples", 0))
+            self.broken_uids.update(client.get("broken_uids", []))
             self.elapsed = float(client.get("elapsed_s", 0.0))
             self.samples_seen = int(client.get("samples_seen", 0))
             if self.engine.global_steps != self.step:
@@ -171,17 +196,19 @@ class Trainer:
             batch = next(it)
             self.micro += 1
             for b in batch["broken"]:
-                self._report_broken(b)
+                self._report_broken(b, "train")
             empty = _all_sum(0.0 if batch["uid"] else 1.0, self.device)
             if empty == 0:
                 return batch
 
-    def _report_broken(self, b: dict) -> None:
-        rec = {"step": self.step, "rank": self.rank, "epoch": self.order.epoch_of(self.micro), **b, "time": time.time()}
-        log.warning("broken sample %s skipped: %s", b["uid"], b["error"])
+    def _report_broken(self, b: dict, split: str) -> None:
+        rec = {"step": self.step, "rank": self.rank, "split": split, "epoch": self.order.epoch_of(self.micro), **b,
+               "time": time.time()}
+        log.warning("broken %s sample %s skipped: %s", split, b["uid"], b["error"])
         with open(self.run_dir / "broken_samples.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        self.broken.append(rec)
+        if split == "train":  # the limit is a share of the training list; validation samples are only logged
+            self.broken.append(rec)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
@@ -246,7 +273,7 @@ class Trainer:
                     "mfu": (sps * self.flops_per_sample / self.world / (self.peak * 1e12)) if self.peak and self.flops_per_sample else None,
                     "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                     "epoch": self.order.epoch_of(self.micro),
-                    "broken_samples": self.broken_total,
+                    "broken_samples": len(self.broken_uids),
                     "eta_s": (t.max_steps - self.step) * dt / win_steps,
                     "time": time.time(),
                 }
@@ -293,24 +320,24 @@ class Trainer:
         signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
 
     def _sync_step(self) -> int:
-        """One collective per optimizer step: broken-sample count and whether any rank got a stop signal."""
-        t = torch.tensor([float(len(self.broken)), float(self._signal)], dtype=torch.float64, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        """One collective per optimizer step: newly broken training samples and whether any rank got a stop
+        signal; a second one (gathering the new uids) only in a step where some rank found a new broken uid."""
+        new = sorted({b["uid"] for b in self.broken} - self.broken_uids.uids)
+        self.broken.clear()
+        t = torch.tensor([float(len(new)), float(self._signal)], dtype=torch.float64, device=self.device)
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        if multi:
             dist.all_reduce(t)
-        self._check_broken(float(t[0]))
+        if float(t[0]) > 0:
+            # every rank takes this branch (the sum is the same everywhere), so the gather is collective
+            if multi:
+                parts: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+                dist.all_gather_object(parts, new)
+                new = [u for p in parts for u in p]
+            self.broken_uids.add(new)
         if float(t[1]) > 0:  # this rank's signal, or another rank's (then say SIGTERM)
             return int(self._signal or signal.SIGTERM)
         return 0
-
-    def _check_broken(self, n_new: float) -> None:
-        self.broken.clear()
-        self.broken_total += n_new
-        limit = self.cfg.data.max_broken_fraction * len(self.train_ds)
-        if n_new and self.broken_total > max(limit, 0):
-            raise BrokenDataError(
-                f"{int(self.broken_total)} samples failed to load (see {self.run_dir / 'broken_samples.jsonl'}), more than "
-                f"data.max_broken_fraction={self.cfg.data.max_broken_fraction} of {len(self.train_ds)}; re-run ml.processing"
-            )
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -322,7 +349,7 @@ class Trainer:
         for i, batch in enumerate(val_batches(self.val_ds, t.micro_batch, t.val_batches, self.rank, self.world)):
             empty = _all_sum(0.0 if batch["uid"] else 1.0, self.device)
             for b in batch["broken"]:
-                self._report_broken(b)
+                self._report_broken(b, "val")
             if empty:
                 continue
             # fixed noise and timesteps per validation batch: evaluations are comparable across the run
@@ -343,7 +370,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "micro_step": self.micro, "world_size": self.world,
                  "samples_seen": self.samples_seen,
-                 "broken_samples": self.broken_total, "elapsed_s": self.elapsed, "run_id": self.cfg.run.run_id,
+                 "broken_samples": len(self.broken_uids), "broken_uids": sorted(self.broken_uids.uids),
+                 "elapsed_s": self.elapsed, "run_id": self.cfg.run.run_id,
                  "time": time.time()}
         p = ckpt.save(self.engine, self.run_dir / "checkpoints", self.step, state, self.cfg.train.keep_checkpoints, self.rank)
         if self.is_main:

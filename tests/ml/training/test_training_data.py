@@ -110,3 +110,16 @@ def test_data_order_converts_positions_between_world_sizes():
     assert one.convert(3, old_world_size=1) == 3
     with pytest.raises(DatasetLayoutError, match="global micro-batch"):
         DataOrder(3, seed=0, micro_batch=2, world_size=2)
+
+
+def test_broken_limit_counts_distinct_training_samples(tmp_path):
+    from ml.training.trainer import BrokenDataError, BrokenUids
+
+    b = BrokenUids(0.05, 100, tmp_path / "broken_samples.jsonl")  # up to 5 bad samples of 100
+    for _epoch in range(20):  # one bad mesh drawn in every epoch
+        b.add(["m07"])
+    assert len(b) == 1
+    b.add(["m01", "m02", "m03", "m04", "m01"])
+    assert len(b) == 5
+    with pytest.raises(BrokenDataError, match="6 distinct training samples .* data.max_broken_fraction=0.05 of 100"):
+        b.add(["m05"])

@@ -169,6 +169,11 @@ def test_resume_refuses_changed_architecture(synthetic, tmp_path):
                                  resume="latest"),
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "model.arch" in p.stderr and "Start a new run" in p.stderr
+    # the saved data position counts micro-batches: another micro-batch size would resume elsewhere in the epoch
+    p = subprocess.run(train_cmd(synthetic, out, "train.max_steps=4", "optim.warmup_steps=1", "train.micro_batch=2",
+                                 resume="latest"),
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "'train.micro_batch' was 1 and is now 2" in p.stderr, p.stderr[-2000:]
 
 
 def test_lora_run_exports_the_released_key_set(synthetic, tmp_path):
@@ -237,3 +242,24 @@ def test_starts_from_a_checkpoint_strictly_and_exports_the_frozen_parts_unchange
                                  "train.max_steps=2", "optim.warmup_steps=1"),
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "do not match" in p.stderr
+
+
+def test_a_broken_sample_counts_once_over_epochs_and_broken_val_samples_not_at_all(tmp_path):
+    data = tmp_path / "data"
+    uids = write_dataset(data, n_train=6, n_val=2, n_points=6000)
+    for bad in (uids[1], uids[7]):  # one training sample, one validation sample
+        (data / "samples" / f"{bad}.npz").write_bytes(b"not a zip")
+    out = tmp_path / "out"
+    # limit 0.2 x 6 = 1.2 samples; 14 steps draw the bad training sample in 3 epochs, and validation (steps
+    # 0, 7, 14) draws the bad validation sample 3 times: counting draws would stop this run
+    run(train_cmd(data, out, "data.max_broken_fraction=0.2", "train.max_steps=14", "train.val_every=7",
+                  "train.log_every=1", "train.ckpt_every=100", "optim.warmup_steps=1", "train.export=false",
+                  "run.run_id=r"))
+    rd = out / "r"
+    recs = [json.loads(line) for line in (rd / "broken_samples.jsonl").read_text().splitlines()]
+    train_draws = [r for r in recs if r["split"] == "train"]
+    assert {r["uid"] for r in train_draws} == {uids[1]} and len({r["epoch"] for r in train_draws}) >= 2
+    assert {r["uid"] for r in recs if r["split"] == "val"} == {uids[7]}
+    m = [r for r in read_metrics(rd / "metrics.jsonl") if r["kind"] == "train"]
+    assert m[-1]["step"] == 14 and m[-1]["broken_samples"] == 1
+    assert read_trainer_state(rd / "checkpoints" / "step_0000014")["broken_uids"] == [uids[1]]

@@ -246,8 +246,29 @@ def _write_renders(root: Path, uid: str, views: list[np.ndarray], cams: list[dic
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _worker_main(conn, cfg: ProcessingConfig, out: Path) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make the kernel SIGKILL this worker when the parent dies, however it dies.
+
+    daemon=True only helps when the parent exits normally; after a kill -9 of the parent a worker
+    stuck on a hanging mesh would run (and hold its memory) forever. PR_SET_PDEATHSIG is Linux-only;
+    elsewhere the pipe's EOF still ends an idle worker. The parent may already have died between the
+    fork and the prctl, which the getppid check catches (we were re-parented)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # a libc without prctl: fall back to the pipe's EOF
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _worker_main(conn, cfg: ProcessingConfig, out: Path, parent_pid: int) -> None:
     """Worker loop: ('task', src, uid) -> ('done', record). Exits on EOF or ('stop',)."""
+    _die_with_parent(parent_pid)
     while True:
         try:
             msg = conn.recv()
@@ -279,7 +300,7 @@ class _Slot:
 
     def start(self):
         parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker_main, args=(child, self.cfg, self.out), daemon=True)
+        self.proc = self.ctx.Process(target=_worker_main, args=(child, self.cfg, self.out, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.conn = parent

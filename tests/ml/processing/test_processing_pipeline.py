@@ -213,3 +213,52 @@ def test_too_large_is_rejected_before_the_work(examples_copy, tmp_path):
     big = {k for k, v in rep.items() if v.get("reason") == "too_large"}
     assert big == {"cow.obj", "elephant.off"}  # 5,804 and 5,558 faces; the others have fewer than 4,000
     assert all("max_faces" in rep[k]["message"] for k in big) and s["ok"] == 3
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux-only")
+def test_workers_die_with_a_kill_9_parent(examples_copy, tmp_path):
+    """kill -9 ONLY the CLI while its workers hang: they must not be left running (daemon=True does nothing here)."""
+    cmd = [sys.executable, "-m", "ml.processing", "--config", "configs/processing-tiny.yaml", "--input-dir", str(examples_copy),
+           "--output-dir", str(tmp_path / "out"), "--resolution", "48", "--num-views", "3", "--num-workers", "2", "--quiet",
+           "--set", f"debug_hang_on={examples_copy.name}", "timeout_s=600"]  # fmt: skip  (every mesh hangs)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_children(proc.pid)) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        time.sleep(1.0)  # let them take their (hanging) meshes
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and any(map(_alive, workers)):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived their kill -9'd parent"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -45,7 +45,10 @@ def cameras_for(vertices01: np.ndarray, num_views: int, size: int, fov_deg: floa
     half = math.radians(fov_deg) / 2
     dist = radius / math.sin(half) * 1.02
     f = (size / 2) / math.tan(half)
-    K = [[f, 0.0, size / 2], [0.0, f, size / 2], [0.0, 0.0, 1.0]]
+    # OpenCV convention (what cameras.json says): pixel i's centre is at coordinate i, so the image
+    # centre is (size - 1) / 2. render() adds the 0.5 back for the rasteriser, which samples x + 0.5.
+    c = size / 2 - 0.5
+    K = [[f, 0.0, c], [0.0, f, c], [0.0, 0.0, 1.0]]
     cams = []
     for i in range(num_views):
         az = 2 * math.pi * i / num_views
@@ -77,8 +80,9 @@ def render(vertices01: np.ndarray, faces: np.ndarray, face_normals: np.ndarray, 
     z = pc[:, 2]
     invz = np.where(z > 1e-9, 1.0 / np.maximum(z, 1e-9), -1.0)
     xy = np.empty((len(pc), 2))
-    xy[:, 0] = K[0, 0] * pc[:, 0] * invz + K[0, 2]
-    xy[:, 1] = K[1, 1] * pc[:, 1] * invz + K[1, 2]
+    # K is OpenCV's (pixel centres at integers); the rasteriser's pixel x spans [x, x + 1)
+    xy[:, 0] = K[0, 0] * pc[:, 0] * invz + K[0, 2] + 0.5
+    xy[:, 1] = K[1, 1] * pc[:, 1] * invz + K[1, 2] + 0.5
     face_id = np.full((H, W), -1, np.int32)
     zbuf = np.zeros((H, W), np.float64)
     kernels.rasterize(xy, invz, faces, H, W, face_id, zbuf)

@@ -131,6 +131,11 @@ def sample_surface(mesh, n_uniform: int, n_sharp: int, rng: np.random.Generator,
     code divides by zero there)."""
     import trimesh
 
+    # Meshes are loaded with process=False (the answer must keep the client's vertices), so STL files
+    # and seam-split exports have one vertex per face corner: each vertex normal then equals its one
+    # face's normal and no edge is ever sharp. Weld a copy for sampling only (faces keep their order).
+    mesh = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
+    mesh.merge_vertices()
     pts, fid = trimesh.sample.sample_surface(mesh, n_uniform, seed=rng)
     uniform = np.concatenate([pts, mesh.face_normals[fid]], axis=1).astype(np.float32)
     V, F_, FN, VN = mesh.vertices, mesh.faces, mesh.face_normals, mesh.vertex_normals

@@ -172,3 +172,18 @@ def test_area_resize_is_banded_and_chunk_independent():
     tracemalloc.stop()
     assert out.shape == (2550, 2550, 4)
     assert peak < 150e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_stl_triangle_soup_gets_sharp_edge_samples(tmp_path):
+    # STL stores every triangle with its own three vertices; loaded as sent (process=False) no vertex
+    # is shared, so without welding for sampling no edge was sharp and a cube got no sharp samples.
+    from ml.refine import load_mesh, sample_surface
+
+    cube = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    (tmp_path / "cube.stl").write_bytes(cube.export(file_type="stl"))
+    mesh = load_mesh(tmp_path / "cube.stl")
+    assert len(mesh.vertices) == 3 * len(mesh.faces)  # really unwelded
+    uniform, sharp = sample_surface(mesh, 2000, 500, np.random.default_rng(0))
+    assert uniform.shape == (2000, 6) and sharp.shape == (500, 6)
+    assert np.allclose(np.abs(sharp[:, :3]).max(axis=1), 0.5, atol=1e-5)  # on the cube's surface
+    assert len(mesh.vertices) == 3 * len(mesh.faces)  # the caller's mesh is untouched

@@ -14,9 +14,9 @@ from training_fixtures import TINY, run, write_dataset
 pytestmark = pytest.mark.integration
 
 
-def _launch(data, out, zero, *extra):
+def _launch(data, out, zero, *extra, port=None):
     # `deepspeed --num_gpus 2 --module ml.training ...` is this runner; --num_gpus counts CPU ranks here
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29700 + zero),
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port or 29700 + zero),
             "--module", "ml.training", "--config", str(TINY), f"data.root={data}", f"run.output_dir={out}",
             "logging.wandb=disabled", f"deepspeed.zero_stage={zero}", "train.log_every=1", "train.val_every=2",
             "train.ckpt_every=2", "optim.warmup_steps=1", "model.cfg_drop=0.5",
@@ -50,3 +50,20 @@ def test_two_ranks_then_resume_on_one(tmp_path, zero):
     steps = [r["step"] for r in read_metrics(rd / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (rd / "export" / "ultrashape.pt").is_file()
+
+
+def test_two_ranks_share_broken_uids_and_count_each_once(tmp_path):
+    from ml.training.data import DataOrder
+
+    data = tmp_path / "data"
+    uids = write_dataset(data, n_train=8, n_val=2, n_points=6000)
+    # the sample rank 1 draws first: rank 0 (which writes the trainer state) learns of it only by the gather
+    bad = uids[int(DataOrder(8, 0, 1, 1, 2).perm(0)[1])]
+    (data / "samples" / f"{bad}.npz").write_bytes(b"not a zip")
+    out = tmp_path / "out"
+    # 4 global micro-batches per epoch: 6 steps span 2 epochs, so the bad sample is drawn twice; limit 1.2
+    run(_launch(data, out, 2, "run.run_id=r", "train.max_steps=6", "train.export=false", "train.val_every=0",
+                "train.ckpt_every=100", "data.max_broken_fraction=0.15", port=29710))
+    st = read_trainer_state(out / "r" / "checkpoints" / "step_0000006")
+    assert st["broken_uids"] == [bad] and st["broken_samples"] == 1
+    assert st["micro_step"] > 6  # positions with the bad sample were skipped on both ranks

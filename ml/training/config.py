@@ -34,7 +34,9 @@ class DataConfig:
     image_size: int = 1022  # DINOv2 input side in pixels (1022 = 73 patches of 14)
     padding_ratio: float = 1.15  # square canvas side / object bbox side (official: 1.15, centred, white)
     num_workers: int = 4  # DataLoader worker processes per rank (0: load in the training process)
-    max_broken_fraction: float = 0.05  # stop with an error once more than this share of the training samples (distinct uids; validation ones are only logged) failed to load
+    # stop with an error once more than this share of the training samples failed to load (distinct uids, however
+    # often drawn; broken validation samples are only logged)
+    max_broken_fraction: float = 0.05
     latent_cache: bool = False  # cache the VAE posterior per sample on the first epoch; later epochs skip the encoder
 
 

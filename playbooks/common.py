@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -40,9 +41,18 @@ def config_path(kind: str, given: str | None, tiny: bool) -> str:
     return path
 
 
+KEEP_RUNNING_HELP = "leave the pod running afterwards even if this command had to start it (default: stop it again)"
+
+
 @contextmanager
-def target(stack: str | None):
-    """`with target(stack) as t:` - the stack's Target, closed afterwards; errors become one clear line."""
+def target(stack: str | None, keep_running: bool = False):
+    """`with target(stack) as t:` - the stack's Target, closed afterwards; errors become one clear line.
+
+    A pod that was stopped before the command and that this command had to start is stopped again when the
+    task ends (also on an error or Ctrl-C), unless `keep_running` or the task left a job running there that
+    is watched (start_watchdog) or deliberately unwatched (`t.left_running`). Only the watchdog may end
+    a job's pod; a read-only task (logs, fetch, sync ...) must not leave a GPU billing with nothing to stop it.
+    """
     name = stack or default_stack()
     try:
         t = target_for(name, log=say)
@@ -53,13 +63,92 @@ def target(stack: str | None):
             yield t
     except TargetError as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if getattr(t, "started_pod", False) and not keep_running and not getattr(t, "left_running", None):
+            stop_again(t)
+
+
+def stop_again(t: Target) -> None:
+    """Stop the pod this command started (it was EXITED before), and wait until it is; never raises."""
+    say(f"[{t.name}] stopping the pod again: it was stopped before this command (--keep-running keeps it running)")
+    try:
+        t.client.stop_pod(t.pod.id)
+        t.client.wait_for_pod(t.pod.id, "EXITED", timeout=300, poll=2, require_ssh=False)
+        say(f"[{t.name}] pod {t.pod.id} stopped: GPU billing stopped, the volume stays")
+    except BaseException as e:  # noqa: BLE001 - a second Ctrl-C or an API error: say what to do, never hide it
+        say(f"[{t.name}] WARNING: could not confirm pod {t.pod.id} stopped ({e!r}); it may still bill: "
+            f"`fab teardown --stack {t.name}`")
+
+
+def start_watchdog(t: Target, job: str, linger_minutes: float = 0.0, idle: bool = True) -> None:
+    """Start the pod's autostop watchdog (infra/watchdog.py, args from playbooks/cost.py) for a GPU job.
+
+    It stops the pod when the job ends (after `linger_minutes`, time for a `fab fetch`), the GPU idles
+    (unless `idle` is False: a CPU job such as processing or a download leaves the GPU idle by design),
+    or the runtime or budget runs out. Never on this machine. The pod's own environment carries its id
+    and API key on RunPod (/etc/rp_environment for SSH sessions); the laptop's key is only a fallback,
+    and it travels on stdin, never in a file or on a command line.
+    """
+    if t.kind != "pod" or t.pod is None:
+        return
+    from playbooks.cost import watchdog_args
+
+    args = watchdog_args(t, job) + ["--pod-id", t.pod.id]
+    if linger_minutes:
+        args += ["--linger-minutes", f"{linger_minutes:g}"]
+    if not idle:
+        args += ["--idle-minutes", "0"]  # the last one wins (argparse)
+    key = os.environ.get("RUNPOD_API_KEY", "")
+    base = os.environ.get("RUNPOD_API_BASE", "")
+    cmd = (
+        f"{t.env_prefix()} {{ [ ! -f /etc/rp_environment ] || . /etc/rp_environment; }}; "
+        f"IFS= read -r k; [ -n \"${{RUNPOD_API_KEY:-}}\" ] || export RUNPOD_API_KEY=\"$k\"; "
+        + (f"[ -n \"${{RUNPOD_API_BASE:-}}\" ] || export RUNPOD_API_BASE={shlex.quote(base)}; " if base else "")
+        + py(t, "infra.watchdog", *args)
+    )
+    r = t.run(cmd, input=key + "\n", check=False)
+    # The job and its pod are the watchdog's now (or, if it failed, the user's, as the warning says):
+    # target() must not stop the pod under the job when the task returns.
+    t.left_running = job
+    if r.ok:
+        linger = f" (+{linger_minutes:g} min for a fetch)" if linger_minutes else ""
+        idles = f"idles {t.config.autostop_idle_minutes} min or " if idle else ""
+        say(f"[{t.name}] watchdog on '{job}' (pid {r.stdout.strip()}): the pod stops itself when the job ends{linger}, "
+            f"{idles}reaches ${t.config.budget_usd:g}")
+    else:
+        say(f"[{t.name}] WARNING: the watchdog did not start ({(r.stderr or r.stdout).strip()[-300:]}); "
+            f"this pod will not stop by itself: `fab teardown --stack {t.name}` when done")
+
+
+POD_JOBS = ("train", "serve", "process", "weights", "infer")  # jobs that keep a pod busy (not tensorboard, setup)
+
+
+def watch_job(t: Target, job: str, linger_minutes: float = 0.0, idle: bool = True) -> None:
+    """The watchdog for a job a standalone task (process, weights, infer) started, unless another job runs there.
+
+    A watchdog stops the whole pod, so one on `job` would stop a training or a server running beside it when
+    `job` ends; that other job's own watchdog (or the user, with --no-autostop) decides when the pod stops."""
+    if t.kind != "pod" or t.pod is None:
+        return
+    busy = [j for j in POD_JOBS if j != job and jobs.state(t, j).state == "running"]
+    if busy:
+        say(f"[{t.name}] no watchdog on '{job}': {', '.join(busy)} also runs on this pod and stopping the pod when "
+            f"'{job}' ends would stop it too; its watchdog (or `fab teardown --stack {t.name}`) stops the pod")
+        t.left_running = job
+        return
+    start_watchdog(t, job, linger_minutes, idle)
 
 
 def run_job(t: Target, name: str, command: str, *, follow: bool = True, env: dict | None = None,
-            hint: bool = True) -> jobs.JobState:
-    """Start `command` as detached job `name` on `t` (in the workspace, kit on PYTHONPATH) and follow it."""
+            hint: bool = True, watch: bool = False, linger_minutes: float = 0.0, idle: bool = True) -> jobs.JobState:
+    """Start `command` as detached job `name` on `t` (in the workspace, kit on PYTHONPATH) and follow it.
+
+    `watch`: also start the pod's watchdog on it (watch_job), before following, so that the pod stops when the
+    job ends even if this laptop goes away."""
     say(f"[{t.name}] {name}: {command}")
     jobs.start(t, name, command, env=env)
+    if watch:
+        watch_job(t, name, linger_minutes, idle)
     if not follow:
         if hint:
             say(f"[{t.name}] {name} runs detached; `fab logs --job {name} --follow --stack {t.name}` follows it")

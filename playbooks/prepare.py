@@ -8,7 +8,19 @@ from pathlib import Path
 
 from fabric import task
 
-from playbooks.common import INPUT, OUTPUT, STACK_HELP, WEIGHTS, config_path, py, run_job, say, since, target
+from playbooks.common import (
+    INPUT,
+    KEEP_RUNNING_HELP,
+    OUTPUT,
+    STACK_HELP,
+    WEIGHTS,
+    config_path,
+    py,
+    run_job,
+    say,
+    since,
+    target,
+)
 from remote import kit, sync as rsync
 from remote.target import Target
 
@@ -16,6 +28,7 @@ SETUP_HELP = {
     "stack": STACK_HELP,
     "python": "base interpreter on the pod for the venv (default: python3, the image's, which has CUDA torch)",
     "site_packages": "also reuse packages from this folder on the pod (a .pth line); remembered for later runs",
+    "keep_running": KEEP_RUNNING_HELP,
 }
 
 
@@ -32,9 +45,9 @@ def do_setup(t: Target, python: str | None = None, site_packages: str | None = N
 
 
 @task(help=SETUP_HELP)
-def setup(c, stack=None, python=None, site_packages=None):
+def setup(c, stack=None, python=None, site_packages=None, keep_running=False):
     """Put the kit (this checkout's git revision) and a venv on the volume; seconds when nothing changed."""
-    with target(stack) as t:
+    with target(stack, keep_running) as t:
         do_setup(t, python, site_packages)
 
 
@@ -50,10 +63,11 @@ def do_sync(t: Target, src: str = INPUT, limit: int | None = None) -> rsync.Sync
 
 
 @task(help={"stack": STACK_HELP, "src": "local folder of meshes (default data/input)",
-            "limit": "send only the first N meshes (sorted by path), e.g. 100 for the A40 test"})
-def sync(c, stack=None, src=INPUT, limit=None):
+            "limit": "send only the first N meshes (sorted by path), e.g. 100 for the A40 test",
+            "keep_running": KEEP_RUNNING_HELP})
+def sync(c, stack=None, src=INPUT, limit=None, keep_running=False):
     """Upload meshes to the target's data/input (incremental, resumable; never deletes there)."""
-    with target(stack) as t:
+    with target(stack, keep_running) as t:
         do_sync(t, src, limit)
 
 
@@ -61,9 +75,11 @@ def processing_done(t: Target) -> bool:
     return t.exists(t.path(OUTPUT, "data_list", "train.json"))
 
 
-def do_process(t: Target, config: str, follow: bool = True):
+def do_process(t: Target, config: str, follow: bool = True, watch: bool = False):
+    """`watch`: the pod's watchdog stops the pod when processing ends (standalone `fab process`; `fab train`
+    follows its prerequisites itself, see the rule there). Processing is CPU work: no GPU-idle stop."""
     cmd = py(t, "ml.processing", "--input-dir", INPUT, "--output-dir", OUTPUT, "--config", config)
-    return run_job(t, "process", cmd, follow=follow)
+    return run_job(t, "process", cmd, follow=follow, watch=watch, idle=False)
 
 
 @task(help={"stack": STACK_HELP, "config": "processing config (default configs/processing.yaml)",
@@ -72,7 +88,7 @@ def process(c, stack=None, config=None, tiny=False, follow=True):
     """Turn data/input meshes into training samples (detached; resumes where it stopped)."""
     cfg = config_path("processing", config, tiny)
     with target(stack) as t:
-        do_process(t, cfg, follow)
+        do_process(t, cfg, follow, watch=True)
 
 
 # --- weights ------------------------------------------------------------------------------------
@@ -96,7 +112,9 @@ def do_weights(
     source: str | None = None,
     follow: bool = True,
     out: str | None = None,
+    watch: bool = False,
 ):
+    """`watch`: as for do_process (a download leaves the GPU idle: no GPU-idle stop)."""
     out = out or f"{WEIGHTS}/{filename}"
     if source:
         src = Path(source).expanduser()
@@ -110,7 +128,7 @@ def do_weights(
     args = ["--repo", repo, "--filename", filename, "--revision", revision, "--out", out]
     if source:
         args += ["--local"]
-    return run_job(t, "weights", py(t, "remote.weights", *args), follow=follow)
+    return run_job(t, "weights", py(t, "remote.weights", *args), follow=follow, watch=watch, idle=False)
 
 
 @task(help=WEIGHTS_HELP)
@@ -118,4 +136,4 @@ def weights(c, stack=None, repo="infinith/UltraShape", filename="ultrashape_v1.p
             source=None, follow=True, out=None):
     """Download the released UltraShape weights on the target (resumes; sha256 and layout checked)."""
     with target(stack) as t:
-        do_weights(t, repo, filename, revision, source, follow, out)
+        do_weights(t, repo, filename, revision, source, follow, out, watch=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from fabric import task
 
 from playbooks.common import (
     INPUT,
+    KEEP_RUNNING_HELP,
     OUTPUTS,
     STACK_HELP,
     config_path,
@@ -24,7 +24,9 @@ from playbooks.common import (
     py,
     run_job,
     say,
+    start_watchdog,
     target,
+    watch_job,
 )
 from playbooks.prepare import do_process, do_setup, do_sync, do_weights, processing_done
 from remote import jobs, sync as rsync
@@ -44,39 +46,6 @@ TRAIN_HELP = {
     "dry_run": "print the cost estimate (GPU $/h, hours, storage) and start nothing",
     "overrides": "training config overrides, e.g. \"train.max_steps=2000 optim.lr=5e-6\"",
 }
-
-
-def start_watchdog(t: Target, job: str, linger_minutes: float = 0.0) -> None:
-    """Start the pod's autostop watchdog (infra/watchdog.py, args from playbooks/cost.py) for a GPU job.
-
-    It stops the pod when the job ends (after `linger_minutes`, time for a `fab fetch`), the GPU idles,
-    or the runtime or budget runs out. Never on this machine. The pod's own environment carries its id
-    and API key on RunPod (/etc/rp_environment for SSH sessions); the laptop's key is only a fallback,
-    and it travels on stdin, never in a file or on a command line.
-    """
-    if t.kind != "pod" or t.pod is None:
-        return
-    from playbooks.cost import watchdog_args
-
-    args = watchdog_args(t, job) + ["--pod-id", t.pod.id]
-    if linger_minutes:
-        args += ["--linger-minutes", f"{linger_minutes:g}"]
-    key = os.environ.get("RUNPOD_API_KEY", "")
-    base = os.environ.get("RUNPOD_API_BASE", "")
-    cmd = (
-        f"{t.env_prefix()} {{ [ ! -f /etc/rp_environment ] || . /etc/rp_environment; }}; "
-        f"IFS= read -r k; [ -n \"${{RUNPOD_API_KEY:-}}\" ] || export RUNPOD_API_KEY=\"$k\"; "
-        + (f"[ -n \"${{RUNPOD_API_BASE:-}}\" ] || export RUNPOD_API_BASE={shlex.quote(base)}; " if base else "")
-        + py(t, "infra.watchdog", *args)
-    )
-    r = t.run(cmd, input=key + "\n", check=False)
-    if r.ok:
-        linger = f" (+{linger_minutes:g} min for a fetch)" if linger_minutes else ""
-        say(f"[{t.name}] watchdog on '{job}' (pid {r.stdout.strip()}): the pod stops itself when the job ends{linger}, "
-            f"idles {t.config.autostop_idle_minutes} min or reaches ${t.config.budget_usd:g}")
-    else:
-        say(f"[{t.name}] WARNING: the watchdog did not start ({(r.stderr or r.stdout).strip()[-300:]}); "
-            f"this pod will not stop by itself: `fab teardown --stack {t.name}` when done")
 
 
 def needs_weights(config: str) -> str | None:
@@ -135,13 +104,23 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             synced = do_sync(t, src, limit)
         elif not t.exists(t.path(INPUT)):
             raise SystemExit(f"error: {src}: no meshes here and none on {t.name}; put meshes in {src} or pass --src DIR")
+        # Watchdog rule: inside `fab train` the prerequisites (process, weights) are followed here and get no
+        # watchdog of their own: one would stop the pod when its job ends, i.e. between stages or under the
+        # training. The training's watchdog, started with the training job, covers the pod from then on. Until
+        # then this command is attended: an error stops a pod it started (target()), and a Ctrl-C that detaches
+        # from a prerequisite ends `fab train` there, leaving that job running with its own watchdog, as if it
+        # had been started by `fab process` / `fab weights`.
         if (synced is not None and synced.transferred > 0) or not processing_done(t):
-            do_process(t, config_path("processing", process_config, tiny))
+            st = do_process(t, config_path("processing", process_config, tiny))
+            if not prerequisite_done(t, st, stack, autostop):
+                return
         else:
             say(f"[{t.name}] process: data/output is up to date with data/input")
         w = needs_weights(train_cfg)
         if w and not t.exists(t.path(w)):
-            do_weights(t, filename=Path(w).name, out=w)
+            st = do_weights(t, filename=Path(w).name, out=w)
+            if not prerequisite_done(t, st, stack, autostop):
+                return
         args = ["--config", train_cfg]
         if not fresh and can_resume(t):
             args += ["--resume", "latest"]
@@ -160,10 +139,29 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             # Someone following the run will want `fab fetch` right after it: give them ten minutes.
             start_watchdog(t, "train", linger_minutes=10 if follow else 0)
         elif t.kind == "pod":
+            t.left_running = "train"  # the user's call: target() must not stop the pod under the training
             say(f"[{t.name}] no watchdog (--no-autostop): this pod bills until `fab teardown --stack {t.name}`")
         if follow:
             follow_job(t, "train")
             status_lines(t)
+
+
+def prerequisite_done(t: Target, st: jobs.JobState, stack: str, autostop: bool) -> bool:
+    """True when a prerequisite job of `fab train` finished; else (Ctrl-C detached from it) say how to go on.
+
+    Training must not start on data still being written (or weights still downloading)."""
+    if st.state == "done" and st.exit_code == 0:
+        return True
+    if st.state in ("detached", "running") and t.kind == "pod":
+        if autostop:
+            watch_job(t, st.name, idle=False)  # a CPU job / download: the GPU idles by design
+        else:
+            t.left_running = st.name
+            say(f"[{t.name}] no watchdog (--no-autostop): this pod bills until `fab teardown --stack {t.name}`")
+    say(f"[{t.name}] {st.name} is not finished ({st.state}); training was NOT started. Once "
+        f"`fab logs --job {st.name} --follow --stack {stack}` shows it finished, run `fab train --stack {stack}` "
+        f"again (it resumes from there)")
+    return False
 
 
 def status_lines(t: Target) -> None:
@@ -256,10 +254,11 @@ def status(c, stack=None):
 
 
 @task(help={"stack": STACK_HELP, "job": "train, process, weights, setup, serve, watchdog, tensorboard",
-            "follow": "keep streaming until the job ends (Ctrl-C detaches)", "lines": "how many lines to show"})
-def logs(c, stack=None, job="train", follow=False, lines=50):
+            "follow": "keep streaming until the job ends (Ctrl-C detaches)", "lines": "how many lines to show",
+            "keep_running": KEEP_RUNNING_HELP})
+def logs(c, stack=None, job="train", follow=False, lines=50, keep_running=False):
     """Show a job's log (--follow reattaches to a running job)."""
-    with target(stack) as t:
+    with target(stack, keep_running) as t:
         st = jobs.state(t, job)
         if st.state == "absent":
             raise SystemExit(f"error: no job '{job}' on {t.name}")
@@ -280,11 +279,12 @@ def _free_port(preferred: int) -> int:
             return s.getsockname()[1]
 
 
-@task(help={"stack": STACK_HELP, "port": "TensorBoard's port on the target and (if free) here"})
-def tensorboard(c, stack=None, port=6006):
+@task(help={"stack": STACK_HELP, "port": "TensorBoard's port on the target and (if free) here",
+            "keep_running": KEEP_RUNNING_HELP})
+def tensorboard(c, stack=None, port=6006, keep_running=False):
     """Run TensorBoard on the target over outputs/ and tunnel it here (Ctrl-C closes the tunnel)."""
     port = int(port)
-    with target(stack) as t:
+    with target(stack, keep_running) as t:
         if jobs.state(t, "tensorboard").state != "running":
             jobs.start(t, "tensorboard", py(t, "tensorboard.main", "--logdir", OUTPUTS, "--port", str(port),
                                              "--host", "127.0.0.1"))
@@ -302,10 +302,11 @@ def tensorboard(c, stack=None, port=6006):
 
 
 @task(help={"stack": STACK_HELP, "run": "run id under outputs/ (default: the latest)",
-            "dest": "local folder (default outputs/)", "checkpoints": "also the resumable checkpoints (large)"})
-def fetch(c, stack=None, run=None, dest=OUTPUTS, checkpoints=False):
+            "dest": "local folder (default outputs/)", "checkpoints": "also the resumable checkpoints (large)",
+            "keep_running": KEEP_RUNNING_HELP})
+def fetch(c, stack=None, run=None, dest=OUTPUTS, checkpoints=False, keep_running=False):
     """Bring a run home: export/ (the trained model), metrics, loss curve, config (resumable)."""
-    with target(stack) as t:
+    with target(stack, keep_running) as t:
         run = run or latest_run(t)
         if not run:
             raise SystemExit(f"error: no run under {OUTPUTS}/ on {t.name}")

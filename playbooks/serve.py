@@ -9,7 +9,19 @@ from pathlib import Path
 
 from fabric import task
 
-from playbooks.common import INPUT, OUTPUT, OUTPUTS, STACK_HELP, config_path, latest_run, py, run_job, say, target
+from playbooks.common import (
+    INPUT,
+    OUTPUT,
+    OUTPUTS,
+    STACK_HELP,
+    config_path,
+    latest_run,
+    py,
+    run_job,
+    say,
+    start_watchdog,
+    target,
+)
 from remote import jobs, sync as rsync
 from remote.target import Target, TargetError
 
@@ -52,8 +64,6 @@ def serve(c, stack=None, ckpt=None, config=None, tiny=False, port=8000):
             args = ["--ckpt", model, "--config", cfg, "--serve-config", config_path("serve", None, tiny),
                     "--host", host, "--port", str(port), "--key-file", KEY_FILE]
             run_job(t, "serve", py(t, "ml.serving", *args), follow=False)
-            from playbooks.run import start_watchdog
-
             start_watchdog(t, "serve")  # an API nobody calls for autostopIdleMinutes stops the pod
         # Wait for the server's ready line (it loads the model first).
         deadline = time.monotonic() + 600
@@ -122,7 +132,9 @@ def infer(c, stack=None, image=None, mesh=None, ckpt=None, config=None, tiny=Fal
         t.run(f"mkdir -p {shlex.quote(t.path(OUTPUTS, 'infer'))}")
         cmd = py(t, "ml.refine", "--ckpt", model, "--config", cfg, "--image", r_image, "--mesh", r_mesh,
                  "--out", remote_out)
-        run_job(t, "infer", cmd)
+        # The watchdog stops the pod when the refine ends (+10 min: the GLB is pulled right after), in case
+        # this laptop goes away meanwhile.
+        run_job(t, "infer", cmd, watch=True, linger_minutes=10)
         if out is None and t.kind == "local":
             dest = Path(t.path(remote_out))  # already on this machine
         else:

@@ -121,6 +121,10 @@ class PodTarget(SSHTarget):
             root=self.config.workspace,
         )
         self.start_if_stopped = start
+        # True once this object has started the stopped pod: playbooks/common.target() then stops it again
+        # when a task that leaves no job behind ends (a `fab logs` must not leave a GPU billing).
+        self.started_pod = False
+        self.left_running: str | None = None  # the job a task left running on purpose (it keeps the pod up)
         self._client = client
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.wait_timeout = wait_timeout
@@ -186,6 +190,7 @@ class PodTarget(SSHTarget):
             self.log(f"pod {pod.id} ({pod.name}, {gpu}) was stopped: starting it (GPU billing resumes)")
             try:
                 self.client.start_pod(pod.id)
+                self.started_pod = True
             except RunPodError as e:
                 raise TargetError(
                     f"could not start pod {pod.id}: {e}\n(A stopped pod resumes on its own host; if that host "

@@ -134,10 +134,39 @@ def test_playbooks_setup_sync_status_teardown(world, tmp_path):
     assert "already stopped" in r.stdout
     r = fab(world, "status", "--stack", STACK)
     assert "EXITED" in r.stdout
-    # The next task starts the stopped pod (and says so); its SSH port has changed.
+    # The next task starts the stopped pod (and says so; its SSH port has changed). A task that leaves no job
+    # behind stops it again when done: a `fab sync` or `fab logs` must not leave the GPU billing.
+    (src / "extra.obj").write_bytes((src / "ball.obj").read_bytes())
     r = fab(world, "sync", "--stack", STACK, "--src", str(src))
     assert "was stopped: starting it" in r.stderr
+    assert "1 of 8 files sent" in r.stderr, r.stderr  # it did its work on the started pod
+    assert "stopping the pod again: it was stopped before this command" in r.stderr, r.stderr
+    assert emu.pod(pod_id).status == "EXITED"
+    r = fab(world, "logs", "--stack", STACK, "--job", "setup")  # also when the task fails afterwards:
+    assert emu.pod(pod_id).status == "EXITED" and "stopping the pod again" in r.stderr, r.stderr
+    r = fab(world, "logs", "--stack", STACK, "--job", "no-such-job", check=False)
+    assert r.returncode != 0 and "stopping the pod again" in r.stderr, r.stderr
+    assert emu.pod(pod_id).status == "EXITED"
+    # --keep-running: the user wants it up.
+    r = fab(world, "sync", "--stack", STACK, "--src", str(src), "--keep-running")
+    assert "was stopped: starting it" in r.stderr and "stopping the pod again" not in r.stderr, r.stderr
     assert emu.pod(pod_id).status == "RUNNING"
+    # A pod that was already running is left as it was.
+    r = fab(world, "sync", "--stack", STACK, "--src", str(src))
+    assert "stopping the pod again" not in r.stderr and emu.pod(pod_id).status == "RUNNING", r.stderr
+
+    # A task that starts a job on the pod hands the pod to that job's watchdog: it stops the pod when the job
+    # ends. (A download: the GPU-idle stop is off, the job end is what counts.)
+    import torch
+
+    w = tmp_path / "dl" / "ultrashape_v1.pt"
+    w.parent.mkdir()
+    torch.save({p: {"w": torch.zeros(2)} for p in ("vae", "dit", "conditioner")}, w)
+    r = fab(world, "weights", "--stack", STACK, "--source", str(w))
+    assert "watchdog on 'weights'" in r.stderr and "stopping the pod again" not in r.stderr, r.stderr
+    assert (ws / "ckpt" / "ultrashape_v1.pt").read_bytes() == w.read_bytes()
+    assert json.loads((ws / "jobs" / "weights" / "watchdog.json").read_text())["settings"]["idle_minutes"] == 0
+    wait_for(lambda: emu.pod(pod_id).status == "EXITED", 150, "the weights watchdog to stop the pod", interval=1)
 
 
 def primitives(d: Path) -> Path:
@@ -245,10 +274,13 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
 
     # The second train starts the pod, sees the job was lost with its pod, and resumes from the checkpoint.
     end = ckpt_step + 4
+    rev = (ws / "kit" / ".revision").read_text().strip()
     r = fab(world, "train", "--stack", STACK, "--tiny", "--src", str(src), "--overrides", f"train.max_steps={end} " + common,
             "--no-autostop", timeout=600)
     assert "was stopped: starting it" in r.stderr and "resuming the latest run" in r.stderr, r.stderr
-    assert "setup already up to date" in r.stderr and "0 of" in r.stderr  # nothing redone
+    # Nothing redone (setup ships the kit again only if someone committed meanwhile: others work in this tree).
+    rev_now = (ws / "kit" / ".revision").read_text().strip()
+    assert ("setup already up to date" in r.stderr or rev_now != rev) and "0 of" in r.stderr, r.stderr
     assert (ws / "jobs" / "train" / "exit_code").read_text().strip() == "0"
     runs = list(ws.glob("outputs/*/metrics.jsonl"))
     assert len(runs) == 1  # the same run, continued

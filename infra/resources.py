@@ -359,7 +359,17 @@ _POD_OUTPUTS = ("podId", "gpuTypeId", "status", "dataCenterId", "publicIp", "ssh
                 "sshCommand", "tensorboardUrl", "apiUrl", "costPerHr")
 
 
-class Pod(Resource, module="runpod", name="Pod"):
+class _SnakeOutputs:
+    """Pulumi maps camelCase output names onto attributes verbatim; this gives the program snake_case ones."""
+
+    def __getattr__(self, item: str):
+        camel = _CAMEL.get(item)
+        if camel is None:
+            raise AttributeError(item)
+        return getattr(self, camel)
+
+
+class Pod(_SnakeOutputs, Resource, module="runpod", name="Pod"):
     """A RunPod GPU pod. Outputs: pod_id, gpu_type_id, public_ip, ssh_host, ssh_port, ssh_command,
     tensorboard_url, api_url, cost_per_hr, data_center_id (and every input)."""
 
@@ -385,12 +395,6 @@ class Pod(Resource, module="runpod", name="Pod"):
                                          delete_before_replace=True))
         super().__init__(provider or PodProvider(), name, props, opts)
 
-    # Pulumi maps camelCase output names onto attributes verbatim; give the program snake_case ones.
-    def __getattr__(self, item: str):
-        camel = _CAMEL.get(item)
-        if camel is None:
-            raise AttributeError(item)
-        return getattr(self, camel)
 
 
 @dataclass
@@ -407,7 +411,7 @@ class NetworkVolumeArgs:
                 "type": self.type, "apiKey": self.api_key, "apiBase": self.api_base}
 
 
-class NetworkVolume(Resource, module="runpod", name="NetworkVolume"):
+class NetworkVolume(_SnakeOutputs, Resource, module="runpod", name="NetworkVolume"):
     """The shared network volume. Outputs: volume_id, size_gb, data_center_id, volume_type, adopted."""
 
     volume_id: pulumi.Output[str]
@@ -419,12 +423,6 @@ class NetworkVolume(Resource, module="runpod", name="NetworkVolume"):
         props.update({"volumeId": None, "volumeType": None, "adopted": None})
         opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["apiKey"]))
         super().__init__(provider or NetworkVolumeProvider(), name, props, opts)
-
-    def __getattr__(self, item: str):
-        camel = _CAMEL.get(item)
-        if camel is None:
-            raise AttributeError(item)
-        return getattr(self, camel)
 
 
 _CAMEL = {

@@ -148,7 +148,8 @@ def test_static_graph_same_output_and_every_parameter_gets_a_gradient(cfg):
             assert not pb.grad.any(), n  # skipped work gets exactly zero gradient
 
 
-def test_latent_cache_encodes_once_then_resamples_the_posterior(cfg, tmp_path):
+def _cached_models_and_batch(cfg, tmp_path):
+    """Tiny models with a latent cache under tmp_path, and one fixed sample (uid 'a') on a sphere."""
     from ml.training.step import TrainModels
 
     with torch.random.fork_rng(devices=[]):
@@ -158,7 +159,11 @@ def test_latent_cache_encodes_once_then_resamples_the_posterior(cfg, tmp_path):
     g = torch.Generator().manual_seed(0)
     d = torch.randn(1, 2560, 3, generator=g)
     d = d / d.norm(dim=-1, keepdim=True)
-    batch = {"uid": ["a"], "surface": torch.cat([0.8 * d, d, torch.zeros(1, 2560, 1)], dim=-1)}
+    return tm, {"uid": ["a"], "surface": torch.cat([0.8 * d, d, torch.zeros(1, 2560, 1)], dim=-1)}
+
+
+def test_latent_cache_encodes_once_then_resamples_the_posterior(cfg, tmp_path):
+    tm, batch = _cached_models_and_batch(cfg, tmp_path)
     z1, v1 = tm.encode(batch)
     assert (tmp_path / "cache" / "a.pt").is_file()
     calls = []
@@ -173,16 +178,7 @@ def test_latent_cache_encodes_once_then_resamples_the_posterior(cfg, tmp_path):
 def test_latent_cache_leaves_the_global_rng_as_a_cached_sample_does(cfg, tmp_path):
     """A resumed run finds the cache filled; the first run filled it. The global RNG (which every later draw
     of the run uses) must end in the same state either way, or the resume is no longer bit-exact."""
-    from ml.training.step import TrainModels
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        models = build_models(cfg.model.arch)
-    tm = TrainModels(models, cfg, torch.device("cpu"), tmp_path / "cache")
-    g = torch.Generator().manual_seed(0)
-    d = torch.randn(1, 2560, 3, generator=g)
-    d = d / d.norm(dim=-1, keepdim=True)
-    batch = {"uid": ["a"], "surface": torch.cat([0.8 * d, d, torch.zeros(1, 2560, 1)], dim=-1)}
+    tm, batch = _cached_models_and_batch(cfg, tmp_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         z_miss, v_miss = tm.encode(batch)  # not cached yet: runs the encoder

@@ -16,6 +16,7 @@ What happens (official UltraShape semantics unless noted):
  3. image: alpha crop, pad to square with a 15 % border, 1024 px, white background; the alpha mask
     drops background patches from the DINOv2 context;
  4. 50 Euler flow-matching steps with classifier-free guidance 5.0 (batched: one DiT call a step);
+    optional speed-ups that change the result (off by default): refine.guidance_until, refine.cache_interval;
  5. VAE decode, coarse-to-fine occupancy grid up to octree_resolution^3, marching cubes;
  6. the mesh goes back to the input mesh's own frame (the official output stays normalised).
 Bad inputs raise ValueError naming the file and the fix.
@@ -65,6 +66,10 @@ class RefineSettings:
     dtype: str = "bfloat16"  # weights/activations on CUDA: bfloat16 | float16 | float32 (CPU always float32)
     batched_cfg: bool = True  # one DiT call per step for conditional + unconditional
     guidance_until: float = 1.0  # CFG only while t < this (speed-up that changes results; 1.0 = official)
+    # DeepCache-style reuse across steps (speed-up that changes results; 1 = off = official): a full DiT call every
+    # cache_interval steps, in between only the first and last cache_depth blocks on the kept deep state
+    cache_interval: int = 1
+    cache_depth: int = 2  # blocks run fresh at each end of a cached step: 1..dit.depth//2 (~2*cache_depth/21 of a call)
     compile: bool = False  # torch.compile the DiT's q/k-norm + RoPE (CUDA only; ~30 s first call)
     flashvdm: bool = True  # official default: decode attending to the top third of latent tokens per chunk
 
@@ -77,12 +82,24 @@ class RefineSettings:
             raise ValueError(f"refine.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if not 0 < self.normalize_scale <= 1:
             raise ValueError(f"refine.normalize_scale must be in (0, 1], got {self.normalize_scale}")
+        if self.cache_interval < 1:
+            raise ValueError(f"refine.cache_interval must be >= 1 (1 = no step caching, the official sampler), "
+                             f"got {self.cache_interval}")
+        if self.cache_depth < 1:
+            raise ValueError(f"refine.cache_depth must be >= 1 (blocks run fresh on a cached step), got {self.cache_depth}")
 
 
 @dataclass
 class InferConfig:
     model: UltraShapeConfig = field(default_factory=UltraShapeConfig)  # network sizes (must match the checkpoint)
     refine: RefineSettings = field(default_factory=RefineSettings)  # inference settings
+
+    def __post_init__(self):
+        half = self.model.dit.depth // 2
+        if self.refine.cache_depth > half:
+            raise ValueError(f"refine.cache_depth ({self.refine.cache_depth}) must be in [1, model.dit.depth//2 = "
+                             f"{half}]: a cached step runs the first and the last cache_depth blocks, which must be "
+                             f"long-skip pairs")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -369,17 +386,23 @@ class RefinePipeline:
         self._sync()
         t2 = time.perf_counter()
 
-        def velocity(x, t, branch):
+        def velocity(x, t, branch, cache=None):
             x = x.to(self.dtype)  # t stays float32: the timestep embedding is computed in float32
             if branch == "both":
-                return m.dit(x, t, both, vox2, both_mask)
-            c, cm = (cond, cond_mask) if branch == "cond" else (uncond, None)
-            return m.dit(x, t, c, voxel_idx, cm)
+                args = (x, t, both, vox2, both_mask)
+            else:
+                c, cm = (cond, cond_mask) if branch == "cond" else (uncond, None)
+                args = (x, t, c, voxel_idx, cm)
+            if cache is None:  # no step caching (refine.cache_interval 1): the plain forward
+                return m.dit(*args)
+            v, cache.h = m.dit.forward_cached(*args, cache_depth=cache.depth, h_mid=cache.h)
+            return v
 
         K = voxel_idx.shape[1]
         noise = torch.randn((1, K, vcfg.embed_dim), generator=gen).to(self.device)
         z = sample_euler(velocity, noise, steps=steps, guidance=guidance, batched_cfg=s.batched_cfg,
-                         progress=progress, guidance_until=s.guidance_until)
+                         progress=progress, guidance_until=s.guidance_until, cache_interval=s.cache_interval,
+                         cache_depth=s.cache_depth)
         self._sync()
         t3 = time.perf_counter()
         tokens = m.vae.decode(z.to(self.dtype))

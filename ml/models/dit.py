@@ -459,6 +459,84 @@ class RefineDiT(nn.Module):
                 skips.append(h)
         return self.final_layer(h)
 
+    def _step_inputs(self, x, t, cond, voxel_idx, cond_mask):
+        """forward()'s preparation, for forward_cached: (tokens h (B, 1+N, C), cond, cond_mask, cos, sin, live).
+        The same operations as in forward() (kept there as written so its numbers never move);
+        tests/ml/models/test_models_deep_cache.py checks that forward_cached's full call equals forward() bit
+        for bit, which catches the two drifting apart."""
+        B, N, _ = x.shape
+        if voxel_idx.shape[:2] != (B, N):
+            raise ValueError(f"voxel_idx has shape {tuple(voxel_idx.shape)}; expected ({B}, {N}, 3), one index per latent token")
+        if t.ndim == 0:
+            t = t.expand(B)
+        h = torch.cat([self.t_embedder(t), self.x_embedder(x)], dim=1)  # (B, 1+N, C)
+        dev = h.device.type
+        qk_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.x_embedder.weight.dtype
+        cos, sin = rope_tables(voxel_idx, self.cfg.head_dim, self.cfg.rope_theta, qk_dtype)
+        cond = cond.to(h.dtype)
+        if cond_mask is None:
+            pad = (cond == -1).all(dim=-1)
+            cond_mask = ~pad if bool(pad.any()) else None
+        live = None
+        if self.skip_zero_context:
+            zero = (cond == 0).flatten(1).all(dim=1)
+            live = (~zero).nonzero().squeeze(1) if bool(zero.any()) else None
+        return h, cond, cond_mask, cos, sin, live
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        voxel_idx: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        *,
+        cache_depth: int,
+        h_mid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepCache-style step: reuse the deep part of the network from an earlier step.
+
+        The long skips pair block j (j < depth//2) with block depth-1-j, so the first d and the last d blocks
+        (d = cache_depth) form a shallow U-Net around everything in between. Across neighbouring sampling
+        steps the deep features change slowly; the shallow ones carry the new x and t.
+
+        h_mid None ("full" call): all blocks run, exactly as forward() (same numbers); also returns h_mid,
+        the hidden state entering block depth-d (= block depth-1-d's output), to keep for later steps.
+        h_mid given ("cached" call): the embedders and blocks 0..d-1 run fresh (they produce the skips the last
+        d blocks pop: block depth-1-j takes block j's output), then blocks depth-d..depth-1 run from h_mid
+        instead of from block depth-1-d's output, then final_layer: 2d of the depth blocks (4/21 at d = 2).
+        h_mid must come from a call with the same batch layout (rows and tokens): the caller keeps one per
+        layout (cond+uncond batched, or each branch on its own).
+        Returns (velocity (B, N, in_channels), h_mid (B, 1+N, C)). The cached call changes the numbers.
+        """
+        depth, half = self.cfg.depth, self.cfg.depth // 2
+        d = cache_depth
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= half:
+            raise ValueError(f"cache_depth (refine.cache_depth) = {d!r} must be an integer in [1, depth//2 = {half}]: "
+                             f"the first and last cache_depth blocks must be long-skip pairs. Set refine.cache_depth "
+                             f"to 1..{half} (2 is the shipped value)")
+        h, cond, cond_mask, cos, sin, live = self._step_inputs(x, t, cond, voxel_idx, cond_mask)
+        skips = []
+        if h_mid is None:
+            kept = None
+            for i, block in enumerate(self.blocks):
+                if i == depth - d:
+                    kept = h
+                h = block(h, cond, cond_mask, cos, sin, skip=skips.pop() if i > half else None, live=live)
+                if i < half:
+                    skips.append(h)
+            return self.final_layer(h), kept
+        if h_mid.shape != h.shape:
+            raise ValueError(f"h_mid has shape {tuple(h_mid.shape)} but this call's tokens are {tuple(h.shape)}: the "
+                             f"cached state comes from a different batch layout; run a full call (h_mid=None) first")
+        for i in range(d):  # d <= half: these blocks take no skip and each pushes one
+            h = self.blocks[i](h, cond, cond_mask, cos, sin, live=live)
+            skips.append(h)
+        h = h_mid
+        for i in range(depth - d, depth):  # all > half: each pops, block depth-1-j gets block j's output
+            h = self.blocks[i](h, cond, cond_mask, cos, sin, skip=skips.pop(), live=live)
+        return self.final_layer(h), h_mid
+
     def compile_kernels(self) -> "RefineDiT":
         """torch.compile the per-block elementwise work (q/k RMS norm + RoPE) into fused kernels.
 

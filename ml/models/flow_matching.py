@@ -11,6 +11,7 @@ model call is multiplied by dt = 0: we skip that call (identical output, one DiT
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -56,15 +57,29 @@ def euler_sigmas(steps: int) -> torch.Tensor:
     return torch.cat([torch.linspace(0, 1, steps, dtype=torch.float64).float(), torch.ones(1)])
 
 
+@dataclass
+class DeepCache:
+    """One kept DiT state for sample_euler's step caching (cache_interval > 1), one per batch layout.
+
+    sample_euler hands it to cond_fn as the keyword `cache`; cond_fn runs
+    `v, cache.h = dit.forward_cached(..., cache_depth=cache.depth, h_mid=cache.h)` and returns v.
+    h None: this call must be a full one, and it refills h."""
+
+    depth: int  # shallow blocks run fresh on a cached call (refine.cache_depth)
+    h: torch.Tensor | None = None  # hidden state entering block depth - depth, from the last full call
+
+
 @torch.no_grad()
 def sample_euler(
-    cond_fn: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+    cond_fn: Callable[..., torch.Tensor],
     noise: torch.Tensor,
     steps: int = 50,
     guidance: float = 5.0,
     batched_cfg: bool = True,
     progress: bool = False,
     guidance_until: float = 1.0,
+    cache_interval: int = 1,
+    cache_depth: int = 2,
 ) -> torch.Tensor:
     """Integrate from noise (t=0) to data (t=1) with classifier-free guidance.
 
@@ -76,26 +91,58 @@ def sample_euler(
     Latents are kept in float32 between steps.
     guidance_until < 1 is a speed-up that changes the result (guidance interval): steps at
     t >= guidance_until run the conditional branch alone (half the tokens). 1.0 = official.
+    cache_interval > 1 is a speed-up that changes the result (DeepCache-style): step i runs the full DiT
+    when i % cache_interval == 0, on the first step and whenever the guidance mode changes (the kept state
+    must have this step's batch layout); the other steps reuse the deep blocks' state from the last full
+    step and run only the first and last cache_depth blocks. cond_fn is then called with a keyword
+    `cache=DeepCache(...)` (see DeepCache), one per branch name, so batched CFG keeps cond and uncond
+    together and split CFG keeps each alone. 1 = official: cond_fn is called exactly as without caching.
     """
     from tqdm.auto import tqdm
 
+    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+        raise ValueError(f"cache_interval (refine.cache_interval) must be an integer >= 1 (1 = off, the official "
+                         f"sampler), got {cache_interval!r}")
+    if isinstance(cache_depth, bool) or not isinstance(cache_depth, int) or cache_depth < 1:
+        raise ValueError(f"cache_depth (refine.cache_depth) must be an integer >= 1, got {cache_depth!r}")
     sigmas = euler_sigmas(steps)
     x = noise.float()
     B = x.shape[0]
+    caches: dict[str, DeepCache] = {}  # branch -> kept state, for the current guidance mode only
+    mode = None
+
+    def call(xx, tt, branch, full):
+        if cache_interval == 1:
+            return cond_fn(xx, tt, branch).float()
+        c = caches.setdefault(branch, DeepCache(cache_depth))
+        if full:
+            c.h = None
+        v = cond_fn(xx, tt, branch, cache=c).float()
+        if c.h is None:
+            raise RuntimeError("cond_fn was given cache=DeepCache(...) but left cache.h empty: it must run "
+                               "`v, cache.h = dit.forward_cached(..., cache_depth=cache.depth, h_mid=cache.h)`")
+        return v
+
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         dt = float(sigmas[i + 1] - sigmas[i])
         if dt == 0.0:  # official last step: multiplied by zero, skip the model call
             continue
         t = torch.full((B,), float(sigmas[i]), device=x.device)
-        if guidance >= 0 and float(sigmas[i]) < guidance_until:
+        guided = guidance >= 0 and float(sigmas[i]) < guidance_until
+        step_mode = ("both" if batched_cfg else "split") if guided else "cond"
+        if step_mode != mode:  # a new batch layout: the kept states do not fit it
+            caches.clear()
+            mode = step_mode
+        full = i % cache_interval == 0 or not caches
+        if guided:
             if batched_cfg:
-                v = cond_fn(torch.cat([x, x]), torch.cat([t, t]), "both").float()
+                v = call(torch.cat([x, x]), torch.cat([t, t]), "both", full)
                 vc, vu = v.chunk(2)
             else:
-                vc = cond_fn(x, t, "cond").float()
-                vu = cond_fn(x, t, "uncond").float()
+                vc = call(x, t, "cond", full)
+                vu = call(x, t, "uncond", full)
             v = vu + guidance * (vc - vu)
         else:
-            v = cond_fn(x, t, "cond").float()
+            v = call(x, t, "cond", full)
         x = x + dt * v
     return x

@@ -187,3 +187,26 @@ def test_stl_triangle_soup_gets_sharp_edge_samples(tmp_path):
     assert uniform.shape == (2000, 6) and sharp.shape == (500, 6)
     assert np.allclose(np.abs(sharp[:, :3]).max(axis=1), 0.5, atol=1e-5)  # on the cube's surface
     assert len(mesh.vertices) == 3 * len(mesh.faces)  # the caller's mesh is untouched
+
+
+@pytest.mark.integration
+def test_step_caching_off_by_default_and_same_for_batched_and_split_cfg(pipe, view):
+    """refine.cache_interval: 1 in the shipped configs; 2 changes the latents, and keeping cond + uncond
+    together (batched CFG) or each branch alone (split, with the zero-context skip) gives the same result."""
+    img, mesh = load_image(view), trimesh.creation.box(extents=(3.0, 1.2, 2.0))
+    s = pipe.config.refine
+    assert s.cache_interval == 1 and load_config(ROOT / "configs" / "infer_dit_refine.yaml",
+                                                 InferConfig).refine.cache_interval == 1
+    pipe(img, mesh, seed=3, steps=6)
+    plain = pipe.last["latents"].clone()
+    try:
+        s.cache_interval = 2  # 5 DiT calls: full at steps 0, 2, 4; cached at 1, 3
+        pipe(img, mesh, seed=3, steps=6)
+        cached = pipe.last["latents"].clone()
+        s.batched_cfg = False
+        pipe(img, mesh, seed=3, steps=6)
+        split = pipe.last["latents"].clone()
+    finally:
+        s.cache_interval, s.batched_cfg = 1, True
+    assert not torch.equal(cached, plain)
+    torch.testing.assert_close(cached, split, rtol=0, atol=1e-4)

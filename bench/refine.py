@@ -9,8 +9,10 @@ Prints (and writes as JSON):
      TFLOP/s against the step's FLOP count (the floor: ~0.64 PFLOP a step, 57 % of it attention).
   2. End-to-end refine latency (50 steps, octree 1024) through ml.refine.RefinePipeline, split into
      inputs / conditioning / sampling / decoding / export.
-  3. Speed-ups that change the numbers (fewer steps, guidance only early): their time, and the
-     distance of their result from the plain bf16 50-step result.
+  3. Speed-ups that change the numbers (fewer steps, guidance only early, DiT step caching, and a "fast"
+     preset combining them, aimed at 20 s end to end): their time, and the distance of their result from
+     the plain bf16 50-step result. Each variant also prints an H100 estimate from the README's measured
+     figures (h100_estimate), which says before a GPU run which combinations can reach 20 s.
 
 Random weights and the occupancy field. Every network runs at full size, so all timings of the DiT,
 DINOv2 and the VAE are what the real weights cost. But a random VAE decoder's occupancy field changes
@@ -120,6 +122,72 @@ def chamfer_fscore(a: torch.Tensor, b: torch.Tensor, tau: float = 0.01) -> tuple
     return chamfer, (2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 
+# Part 3's default variants: fewer steps; guidance only early; DiT step caching (refine.cache_interval /
+# cache_depth) alone and combined with guidance_until; and the fast preset.
+DEFAULT_VARIANTS = "16,10,16@0.5,50+c2d2,50+c3d2,50@0.3+c2d2,50@0.3+c3d2,fast"
+
+# GPU figures from the README models section (one H100 80GB, bf16, official sizes, 32,768 tokens). Used only for
+# the printed estimates (h100_estimate); every timing the bench reports is measured on the machine it runs on.
+H100_GUIDED_CALL_S = 1.34  # one DiT call with batched CFG (batch 2), zero-context skip on
+H100_COND_CALL_S = 0.67  # a conditional-only call (batch 1): about half of a guided one
+H100_DECODE_S = 9.6  # volume decoding + marching cubes, octree 1024, FlashVDM on
+H100_INPUTS_COND_S = 3.5  # inputs (2.4 s) + conditioning (1.1 s)
+
+# The fast preset, aimed at <= 20 s end to end on one H100. Estimate from the figures above (h100_estimate
+# walks sample_euler's own schedule; a cached call costs 2d/21 = 4/21 = 0.190 of a full one at d = 2):
+#   16 steps -> 15 DiT calls at t = i/15, i = 0..14; guidance while t < 0.3: i = 0..4 (5 guided, 10 cond-only)
+#   full calls every 4th step, plus one where guidance stops (i = 5): guided full i = 0, 4 (2), guided cached
+#   i = 1, 2, 3 (3); cond full i = 5, 8, 12 (3), cond cached i = 6, 7, 9, 10, 11, 13, 14 (7)
+#   sampling = 2 x 1.34 + 3 x 1.34 x 0.190 + 3 x 0.67 + 7 x 0.67 x 0.190 = 2.68 + 0.77 + 2.01 + 0.89 = 6.35 s
+#   end to end = 6.35 + 9.6 (decode) + 3.5 (inputs + conditioning) = 19.4 s (vs 65.7 + 13.1 = 78.8 s plain)
+# The last cache_depth blocks are MoE blocks (3 expert FFNs a token instead of 1), so by FLOPs a cached call is
+# ~0.20 of a full one rather than 0.19 (dit_flops); at 32k tokens attention dominates and the difference is small.
+# The figures are on the safe side: the one measured 12-step run took 25.2 s end to end, where this gives 27.8 s.
+# Whether its mesh is close enough to the plain one is what part 3 measures (with --ckpt: real Chamfer / F-score).
+FAST_PRESET = "16@0.3+c4d2"
+
+
+def parse_variant(spec: str) -> tuple[int, float, int, int]:
+    """'steps[@guidance_until][+cINTERVAL[dDEPTH]]' or 'fast' -> (steps, guidance_until, cache_interval, cache_depth)."""
+    import re
+
+    m = re.fullmatch(r"(\d+)(?:@([0-9.]+))?(?:\+c(\d+)(?:d(\d+))?)?", FAST_PRESET if spec == "fast" else spec)
+    if not m:
+        raise SystemExit(f"--variants: cannot read {spec!r}; expected steps[@guidance_until][+cINTERVAL[dDEPTH]], "
+                         f"e.g. 16, 16@0.5, 50+c2d2, 50@0.3+c3d2, or 'fast'")
+    steps, until, k, d = m.groups()
+    return int(steps), float(until) if until else 1.0, int(k) if k else 1, int(d) if d else 2
+
+
+def h100_estimate(steps: int, until: float, interval: int, depth: int, n_blocks: int = 21,
+                  guidance: float = 5.0) -> tuple[float, str]:
+    """(seconds, arithmetic) of a variant's end-to-end time on one H100 at the official sizes, from the README
+    figures above: sample_euler runs its real schedule with a velocity function that only adds up each call's
+    cost (a cached call: 2 * depth / n_blocks of a full one)."""
+    from ml.models.flow_matching import sample_euler
+
+    n = {("both", "full"): 0, ("both", "cached"): 0, ("cond", "full"): 0, ("cond", "cached"): 0}
+
+    def count(x, t, branch, cache=None):
+        kind = "cached" if cache is not None and cache.h is not None else "full"
+        n[("both" if branch == "both" else "cond", kind)] += 1
+        if cache is not None and cache.h is None:
+            cache.h = x  # stands for the kept deep state: the schedule only asks whether there is one
+        return torch.zeros_like(x)
+
+    sample_euler(count, torch.zeros(1, 1, 1), steps=steps, guidance=guidance, guidance_until=until,
+                 cache_interval=interval, cache_depth=depth)
+    frac = 2 * depth / n_blocks
+    g, c = H100_GUIDED_CALL_S, H100_COND_CALL_S
+    sampling = (n[("both", "full")] * g + n[("both", "cached")] * g * frac
+                + n[("cond", "full")] * c + n[("cond", "cached")] * c * frac)
+    total = sampling + H100_DECODE_S + H100_INPUTS_COND_S
+    text = (f"{n[('both', 'full')]}x{g} + {n[('both', 'cached')]}x{g}x{frac:.3f} + {n[('cond', 'full')]}x{c} + "
+            f"{n[('cond', 'cached')]}x{c}x{frac:.3f} = {sampling:.2f} s sampling + {H100_DECODE_S} + "
+            f"{H100_INPUTS_COND_S} = {total:.1f} s")
+    return total, text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "infer_dit_refine.yaml"))
@@ -129,7 +197,9 @@ def main() -> None:
     ap.add_argument("--octree", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=3, help="timed DiT steps per variant (after 2 warm-ups)")
     ap.add_argument("--budget-s", type=float, default=200, help="skip optional parts past this wall time")
-    ap.add_argument("--variants", default="16,10,16@0.5", help="steps[@guidance_until] list for part 3")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="part 3: comma list of steps[@guidance_until][+cINTERVAL[dDEPTH]] (e.g. 50@0.3+c3d2: "
+                         "guidance while t < 0.3, full DiT every 3rd step, cached steps run 2+2 blocks) or 'fast'")
     ap.add_argument("--logit-slope", type=float, default=200.0,
                     help="occupancy logit per unit of signed distance of the stand-in shape (sets the band width)")
     ap.add_argument("--ckpt", default=None, help="real weights (ultrashape_v1.pt): then the real occupancy field is "
@@ -138,6 +208,9 @@ def main() -> None:
                     help="which parts to run: dit, e2e, variants, decode (decoding alone, flashvdm on/off), compile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    specs = [s for s in args.variants.split(",") if s]
+    for spec in specs:  # a typo fails here, not after the minutes parts 1 and 2 take
+        parse_variant(spec)
     t_start = time.perf_counter()
     cfg_path = ROOT / "configs" / "infer_dit_refine-tiny.yaml" if args.tiny else Path(args.config)
     cfg = load_config(cfg_path, InferConfig)
@@ -285,17 +358,23 @@ def main() -> None:
             pv2 = torch.cat([pv, pv])
             noise = last["noise"]
 
-            def fn(xx, t, branch):
+            def fn(xx, t, branch, cache=None):  # as ml/refine.py's velocity
                 xx = xx.to(dtype)
                 if branch == "both":
-                    return models.dit(xx, t, both, pv2, bmask)
-                return models.dit(xx, t, cond if branch == "cond" else torch.zeros_like(cond), pv,
-                                  cmask if branch == "cond" else None)
+                    args = (xx, t, both, pv2, bmask)
+                else:
+                    args = (xx, t, cond if branch == "cond" else torch.zeros_like(cond), pv,
+                            cmask if branch == "cond" else None)
+                if cache is None:
+                    return models.dit(*args)
+                v, cache.h = models.dit.forward_cached(*args, cache_depth=cache.depth, h_mid=cache.h)
+                return v
 
-            def run(steps, until=1.0):
+            def run(steps, until=1.0, interval=1, depth=2):
                 sync(dev)
                 a = time.perf_counter()
-                z = sample_euler(fn, noise, steps=steps, guidance=cfg.refine.guidance, guidance_until=until)
+                z = sample_euler(fn, noise, steps=steps, guidance=cfg.refine.guidance, guidance_until=until,
+                                 cache_interval=interval, cache_depth=depth)
                 sync(dev)
                 return z, time.perf_counter() - a
 
@@ -308,18 +387,23 @@ def main() -> None:
             z_ref, t_ref = last["latents"], e2e["plain"]["sampling_s"]
             p_ref = mesh_pts(z_ref)
             var = {"plain": {"sampling_s": t_ref}}
-            for spec in [s for s in args.variants.split(",") if s]:
+            for spec in specs:
                 if time.perf_counter() - t_start > args.budget_s:
                     log(f"budget reached: skipping variant {spec}")
                     continue
-                steps, _, until = spec.partition("@")
-                z, t_s = run(int(steps), float(until) if until else 1.0)
+                steps, until, interval, depth = parse_variant(spec)
+                z, t_s = run(steps, until, interval, depth)
                 rel = ((z - z_ref).norm() / z_ref.norm()).item()
                 ch, fs = chamfer_fscore(mesh_pts(z), p_ref)
                 est = e2e["plain"]["total_s"] - e2e["plain"]["sampling_s"] + t_s
-                var[spec] = {"sampling_s": t_s, "e2e_estimate_s": est, "latent_rel_l2": rel, "chamfer": ch, "fscore_0.01": fs}
-                log(f"variant {spec}: sampling {t_s:.2f} s -> end to end ~{est:.1f} s; latents rel L2 {rel:.3f}; "
-                    f"random-field mesh vs plain: Chamfer {ch:.4f}, F@0.01 {fs:.3f}")
+                h100, h100_text = h100_estimate(steps, until, interval, depth, guidance=cfg.refine.guidance)
+                name = f"fast ({FAST_PRESET})" if spec == "fast" else spec
+                var[name] = {"steps": steps, "guidance_until": until, "cache_interval": interval, "cache_depth": depth,
+                             "sampling_s": t_s, "e2e_estimate_s": est, "latent_rel_l2": rel, "chamfer": ch,
+                             "fscore_0.01": fs, "h100_estimate_s": h100}
+                log(f"variant {name}: sampling {t_s:.2f} s -> end to end ~{est:.1f} s; latents rel L2 {rel:.3f}; "
+                    f"random-field mesh vs plain: Chamfer {ch:.4f}, F@0.01 {fs:.3f}; H100 estimate "
+                    f"(README figures) {h100_text}")
 
     res["variants"] = var
 

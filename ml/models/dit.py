@@ -302,8 +302,12 @@ class MoE(nn.Module):
         self.shared_experts = FeedForward(dim, dim * 4)
         self.aux_loss: torch.Tensor | None = None  # set in training forwards, for logging
         # True: call every expert even with no tokens routed to it (zero rows, zero gradient), so that
-        # every data-parallel rank fires the same gradient hooks in the same order
+        # every data-parallel rank fires the same gradient hooks in the same order (the grouped path always does)
         self.every_expert = False
+        # How the routed experts run: "grouped" = two grouped GEMMs over all experts (torch._grouped_mm; no host
+        # sync, no per-expert slicing, compilable), "loop" = one matmul pair per expert; "auto" = grouped for bf16
+        # on CUDA (where it has fused kernels), loop elsewhere (float32 parity with the official per-expert loop)
+        self.experts_impl: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, in_dtype = x.shape, x.dtype
@@ -321,17 +325,30 @@ class MoE(nn.Module):
         order = topk_idx.flatten().argsort()
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()  # the one host sync
+        counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts))
         xs = _Dispatch.apply(flat, order, inv, k)  # (N*k, C): token order[j] // k's row, grouped by expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n or self.every_expert:
-                outs.append(self.experts[e](xs[start:start + n]))
-            start += n
-        ys = _Permute.apply(torch.cat(outs), inv, order).view(N, k, -1)  # back to (token, slot) order
-        # weighted sum over the k slots (gate weights not renormalised), in the input's dtype (float32 under
-        # autocast, as the scatter-add buffer was before)
-        y = (ys * topk_w.unsqueeze(-1).to(in_dtype)).sum(dim=1).view(shape)  # promotes bf16 ys to in_dtype
+        grouped = self.experts_impl == "grouped" or (
+            self.experts_impl == "auto" and x.is_cuda and x.dtype == torch.bfloat16)
+        if grouped:
+            ys = _Permute.apply(self._experts_grouped(xs, counts), inv, order).view(N, k, -1)
+            # the second layer's bias, sum_k w_k * b2[e_k], as one small float32 matmul: gate weights scattered
+            # into (N, E) (backward: a gather, and G^T @ grad for the bias -- no atomics)
+            gates = torch.zeros(N, len(self.experts), device=x.device, dtype=torch.float32)
+            gates = gates.scatter(1, topk_idx, topk_w.float())
+            b2 = torch.stack([e.net[2].bias for e in self.experts]).float()
+            with torch.autocast(x.device.type, enabled=False):
+                bias = gates @ b2  # (N, C)
+            y = ((ys * topk_w.unsqueeze(-1).to(in_dtype)).sum(dim=1) + bias.to(in_dtype)).view(shape)
+        else:
+            outs, start = [], 0
+            for e, n in enumerate(counts.tolist()):  # the one host sync
+                if n or self.every_expert:
+                    outs.append(self.experts[e](xs[start:start + n]))
+                start += n
+            ys = _Permute.apply(torch.cat(outs), inv, order).view(N, k, -1)  # back to (token, slot) order
+            # weighted sum over the k slots (gate weights not renormalised), in the input's dtype (float32 under
+            # autocast, as the scatter-add buffer was before)
+            y = (ys * topk_w.unsqueeze(-1).to(in_dtype)).sum(dim=1).view(shape)  # promotes bf16 ys to in_dtype
         if self.training and self.aux_alpha > 0:
             E = len(self.experts)
             f = F.one_hot(topk_idx.flatten(), E).float().mean(0) * E  # fraction routed, times E
@@ -339,6 +356,25 @@ class MoE(nn.Module):
             self.aux_loss = aux.detach()
             y = _InjectAuxLoss.apply(y, aux)
         return y + self.shared_experts(x)
+
+    def _experts_grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every routed expert's GELU MLP on its slice of the expert-sorted rows xs (R, C), WITHOUT the second
+        layer's bias (forward() adds it after the gate weighting): two grouped GEMMs whose group boundaries
+        are the running sums of `counts` (stay on the device: no host sync). The first layer's bias rides in
+        the GEMM as an extra input column of ones (padded to 8 columns for aligned rows), so it needs neither a
+        per-row bias tensor nor a scatter-add in backward."""
+        R, C = xs.shape
+        dt = xs.dtype
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        w1 = torch.stack([e.net[0].proj.weight for e in self.experts]).to(dt)  # (E, inner, C)
+        b1 = torch.stack([e.net[0].proj.bias for e in self.experts]).to(dt)  # (E, inner)
+        pad = 8
+        w1 = torch.cat([w1, b1.unsqueeze(-1), w1.new_zeros(w1.shape[0], w1.shape[1], pad - 1)], dim=-1)
+        ones = torch.zeros(R, pad, device=xs.device, dtype=dt)
+        ones[:, 0] = 1
+        h = F.gelu(torch._grouped_mm(torch.cat([xs, ones], dim=-1), w1.transpose(1, 2), offs=offs))
+        w2 = torch.stack([e.net[2].weight for e in self.experts]).to(dt)  # (E, C, inner)
+        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
 
 
 class DiTBlock(nn.Module):

@@ -80,8 +80,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["none", "kernels", "blocks"], default="none",
                     help="kernels: RefineDiT.compile_kernels() (q/k norm + RoPE); blocks: torch.compile each block")
     ap.add_argument("--offload", action="store_true", help="ZeRO-Offload (optimizer on the CPU)")
+    ap.add_argument("--experts", choices=["auto", "grouped", "loop"], default="auto",
+                    help="MoE routed experts: grouped GEMMs or one matmul pair per expert (auto: grouped on CUDA bf16)")
+    ap.add_argument("--latent-cache", action="store_true",
+                    help="data.latent_cache on: the VAE encodes the sample once, later steps read the cached posterior "
+                         "(what every epoch after the first does)")
     ap.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
     ap.add_argument("--label", default="", help="name of this variant in the output")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, run 2 more under torch.profiler and write the kernel table there")
     ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -100,8 +107,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, TrainConfig, over)
 
     from ml.models.checkpoint import build_models
-    from ml.training.engine import (apply_lora, build_engine, enable_activation_checkpointing, init_distributed,
-                                    make_graph_static)
+    from ml.training.engine import (apply_lora, build_engine, clip_gradients, compile_blocks,
+                                    enable_activation_checkpointing, init_distributed, make_graph_static)
     from ml.training.step import TrainModels
 
     rank, local_rank, world = init_distributed(cfg)
@@ -113,19 +120,26 @@ def main(argv=None) -> int:
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.manual_seed(0)
         models = build_models(cfg.model.arch, device=device)  # random init straight on the GPU (seconds, not minutes)
-    tm = TrainModels(models, cfg, device, None)
+    cache_dir = None
+    if args.latent_cache:  # ml.training's latent cache (data.latent_cache): the first step encodes, later ones load
+        import tempfile
+
+        cache_dir = Path(tempfile.mkdtemp(prefix="latent_cache_"))
+    tm = TrainModels(models, cfg, device, cache_dir)
     dit = tm.dit
     if cfg.model.lora.enabled:
         apply_lora(dit, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
     if world > 1:
         make_graph_static(dit)
-    if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
+    for blk in dit.blocks:
+        if blk.use_moe:
+            blk.moe.experts_impl = args.experts
     if args.compile == "kernels":
         dit.compile_kernels()
     elif args.compile == "blocks":
-        for blk in dit.blocks:
-            blk.compile()
+        compile_blocks(dit)  # what model.compile: true does in ml.training, in the trainer's order
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
     engine = build_engine(dit, cfg, world)
     build_s = time.time() - t0
     n_params = sum(p.numel() for p in dit.parameters())
@@ -170,6 +184,7 @@ def main(argv=None) -> int:
             e2 = ev()
             engine.backward(loss)
             e3 = ev()
+            clip_gradients(engine, cfg)  # ZeRO-0: ml.training clips here; ZeRO >= 1: inside engine.step()
             engine.step()
             e4 = ev()
         if cuda:
@@ -181,6 +196,31 @@ def main(argv=None) -> int:
                          "optimizer": span(e3, e4), "step": span(e0, e4)})
         if i == args.warmup - 1 and cuda:
             torch.cuda.reset_peak_memory_stats()
+
+    if args.profile and rank == 0:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                with ctx():
+                    with record_function("## encoders"):
+                        x1, vidx, cond, cond_mask = tm._inputs(batch, train=False, gen=None)
+                    with record_function("## dit_forward"):
+                        loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
+                    with record_function("## dit_backward"):
+                        engine.backward(loss)
+                    with record_function("## optimizer"):
+                        clip_gradients(engine, cfg)
+                        engine.step()
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=80)
+        pdir = Path(args.profile)
+        pdir.mkdir(parents=True, exist_ok=True)
+        (pdir / f"step_profile_{args.label or 'default'}.txt").write_text(table)
+        print(table[:5000], flush=True)
 
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     tokens = x1.shape[1]
@@ -195,7 +235,7 @@ def main(argv=None) -> int:
         "label": args.label or f"zero{cfg.deepspeed.zero_stage}-{args.attn}-{args.compile}" + (f"-ackpt{args.act_ckpt}" if args.act_ckpt is not None else ""),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": world,
         "zero_stage": cfg.deepspeed.zero_stage, "attn": args.attn, "compile": args.compile,
-        "act_ckpt": args.act_ckpt, "offload": cfg.deepspeed.offload_optimizer, "lora": cfg.model.lora.enabled,
+        "act_ckpt": args.act_ckpt, "experts": args.experts, "latent_cache": args.latent_cache, "offload": cfg.deepspeed.offload_optimizer, "lora": cfg.model.lora.enabled,
         "dit_params_b": n_params / 1e9, "tokens": tokens, "image_tokens": int(cond.shape[1]),
         "step_s": med["step"], "encoders_s": med["encoders"], "dit_fwd_s": med["dit_fwd"], "dit_bwd_s": med["dit_bwd"],
         "optimizer_s": med["optimizer"], "step_s_min": min(r["step"] for r in rows), "step_s_max": max(r["step"] for r in rows),

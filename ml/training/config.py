@@ -61,6 +61,7 @@ class ModelConfig:
     # moe_aux_loss_alpha (official 0.01), as the official trainer does; it is logged as moe_aux_loss.
     activation_checkpointing: bool = True  # recompute DiT blocks in backward: ~1/3 more compute, far less memory
     checkpoint_blocks: Optional[int] = None  # with activation_checkpointing: recompute only the first N blocks (null: all)
+    compile: bool = False  # torch.compile each DiT block (fused norms, casts, residuals; ZeRO 0-2 only; compiles at the first steps)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -134,6 +135,9 @@ class TrainConfig:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.max_steps ({t.max_steps})"
             )
+        if self.model.compile and self.deepspeed.zero_stage == 3:
+            raise ValueError("model.compile needs deepspeed.zero_stage <= 2: ZeRO-3 gathers each layer's weights in "
+                             "hooks the compiled blocks would bypass; set model.compile: false for ZeRO-3")
         if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage: 3")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:

@@ -62,7 +62,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * world_size,
-        "gradient_clipping": o.grad_clip,
+        # ZeRO >= 1 clips inside DeepSpeed's optimizer (which also keeps the norm); at ZeRO-0 DeepSpeed's clipping is
+        # a Python loop of one norm and one multiply per tensor, so clip_gradients() does it in two foreach passes
+        "gradient_clipping": o.grad_clip if d.zero_stage >= 1 else 0.0,
         "bf16": {"enabled": d.precision == "bf16"},
         "zero_optimization": zero,
         # Our AdamW is torch's (fused on CUDA); DeepSpeed calls it "untested" but drives it like its own.
@@ -148,6 +150,48 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, load_unive
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         engine, optimizer, _, sched = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, lr_scheduler=sched)
     return engine
+
+
+def clip_gradients(engine, cfg: TrainConfig) -> torch.Tensor | None:
+    """Call between the last micro-batch's engine.backward() and engine.step(). ZeRO-0: returns the global gradient
+    norm before clipping (a 0-d tensor, no host sync) and clips to optim.grad_clip in place, in two multi-tensor
+    passes (gradients are already averaged over ranks at the accumulation boundary, so the norm is global).
+    ZeRO >= 1: None -- DeepSpeed clips inside its optimizer and reports the norm (get_global_grad_norm)."""
+    if cfg.deepspeed.zero_stage != 0 or not engine.is_gradient_accumulation_boundary():
+        return None
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if not params:
+        return None
+    if cfg.optim.grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+
+# ----------------------------------------------------------------------------- compilation
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block of `model` (regional compilation): the blocks share one code object,
+    so the compiler traces a few graphs (dense / long-skip / MoE, train / eval) instead of one per block, and
+    fuses the memory-bound work between the matmuls and attention kernels (LayerNorm and its bf16 cast,
+    residual adds, GELU, q/k norm + RoPE, the MoE gating). Numbers stay those of eager up to float rounding.
+    Call before enable_activation_checkpointing (which then recomputes the compiled block) and before
+    DeepSpeed wraps the model. Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    # 21 block instances x (train, eval, CFG-dropped) variants: keep them all compiled, never fall back to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    n, found = 0, False
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
+            found = True
+            for blk in mod:
+                if getattr(blk, "_compiled", False):
+                    continue
+                blk.forward = torch.compile(blk.forward, dynamic=False)
+                blk._compiled = True
+                n += 1
+    if not found:
+        raise RuntimeError("model.compile: found no '*blocks' ModuleList in the model")
+    return n
 
 
 # ----------------------------------------------------------------------------- activation checkpointing

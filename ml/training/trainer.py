@@ -27,8 +27,8 @@ from ml.config import ConfigError, to_dict
 from ml.training import checkpoint as ckpt
 from ml.training.config import FROZEN_ON_RESUME, TrainConfig
 from ml.training.data import DataOrder, RefineDataset, make_loader, val_batches
-from ml.training.engine import (apply_lora, build_engine, enable_activation_checkpointing, init_distributed,
-                                make_graph_static)
+from ml.training.engine import (apply_lora, build_engine, clip_gradients, compile_blocks,
+                                enable_activation_checkpointing, init_distributed, make_graph_static)
 from ml.training.logs import RunLogger, peak_tflops, plot_loss_curve
 
 log = logging.getLogger("ml.training")
@@ -147,6 +147,8 @@ class Trainer:
             log.info("LoRA: adapters on %d linear layers (rank %d)", n, cfg.model.lora.rank)
         if self.world > 1:
             make_graph_static(dit)
+        if cfg.model.compile:
+            log.info("torch.compile: %d DiT blocks (the first steps compile them)", compile_blocks(dit))
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
         n_train = sum(p.numel() for p in dit.parameters() if p.requires_grad)
@@ -239,11 +241,11 @@ class Trainer:
                     self.flops_per_sample = self.models.train_flops_per_sample()
                 eng.backward(loss)
                 logs_next = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-                if m_i == t.grad_accum - 1 and logs_next and cfg.deepspeed.zero_stage == 0:
-                    # Without ZeRO, DeepSpeed clips but keeps no norm; gradients are already averaged over
-                    # ranks here (the boundary backward all-reduces), so this is the pre-clip global norm.
-                    own_norm = float(torch.nn.utils.get_total_norm(
-                        [p.grad for p in self.models.dit.parameters() if p.grad is not None]))
+                if m_i == t.grad_accum - 1:
+                    # ZeRO-0: we clip (DeepSpeed keeps no norm there); the pre-clip global norm is logged
+                    norm = clip_gradients(eng, cfg)
+                    if norm is not None and logs_next:
+                        own_norm = float(norm)
                 eng.step()
                 win_loss += float(loss.detach())
                 win_n += 1

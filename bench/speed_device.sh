@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The second speed pass's device calls (device tool, 2x H100): what each candidate change buys, measured before
+# and after it is built. Usage: bash bench/speed_device.sh probe|... [out dir]
+set -uo pipefail
+OUT=${2:-${OUT:-/tmp/out}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PV=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/common/*.whl .whl/$PV/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+python3 -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "gpus", torch.cuda.device_count())'
+nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv,noheader
+
+pd() {  # gpu label args...: bench/profile_dit.py (DiT forward + backward alone)
+  local gpu=$1 label=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 bench/profile_dit.py --out "$OUT" --label "$label" "$@" > "$OUT/pd_$label.log" 2>&1
+  grep -h '^\[' "$OUT/pd_$label.log" || tail -4 "$OUT/pd_$label.log"
+}
+ts() {  # gpu label args...: bench/train_step.py (a full training step)
+  local gpu=$1 label=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 bench/train_step.py --json "$OUT/steps.jsonl" --label "$label" "$@" > "$OUT/ts_$label.log" 2>&1
+  grep -h '^\[' "$OUT/ts_$label.log" || tail -4 "$OUT/ts_$label.log"
+}
+
+case "${1:-probe}" in
+probe)  # card 0: DiT fwd+bwd variants (bf16 weights, compiled blocks); card 1: a profiled default step + kernel probes
+  (pd 0 autocast-compile-dense --compile dense --no-parts --no-profile
+   pd 0 bf16 --bf16-weights --no-parts --no-profile
+   pd 0 bf16-compile-dense --bf16-weights --compile dense --no-parts
+   pd 0 autocast-compile-blocks --compile blocks --no-parts --no-profile) > "$OUT/card0.log" 2>&1 &
+  ts 1 default --steps 6 --warmup 3 --profile "$OUT"
+  CUDA_VISIBLE_DEVICES=1 timeout 240 python3 bench/probe_kernels.py > "$OUT/probe.log" 2>&1
+  cat "$OUT/probe.log"
+  wait
+  cat "$OUT/card0.log"
+  ;;
+esac

@@ -35,4 +35,18 @@ probe)  # card 0: DiT fwd+bwd variants (bf16 weights, compiled blocks); card 1: 
   wait
   cat "$OUT/card0.log"
   ;;
+call2)  # card 0: the training step, one change at a time; card 1: refine (exact path + cached/guidance variants)
+  (ts 0 experts-loop --experts loop --steps 6 --warmup 3
+   ts 0 grouped --steps 6 --warmup 3
+   ts 0 grouped-compile --compile blocks --steps 6 --warmup 4
+   ts 0 grouped-compile-latentcache --compile blocks --latent-cache --steps 6 --warmup 4) > "$OUT/card0.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 400 python3 bench/refine.py --parts dit,e2e,variants --budget-s 330 \
+    --variants fast,50+c2d2,50@0.3+c3d2,50@0.3 --out "$OUT/refine.json" > "$OUT/refine.log" 2>&1
+  grep -v "it/s\]" "$OUT/refine.log" | tail -20
+  ts 1 grouped-compile-ackpt10 --compile blocks --act-ckpt 10 --steps 6 --warmup 4
+  wait
+  cat "$OUT/card0.log"
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log  # the device tool returns at most 8 files
+  ls "$OUT"
+  ;;
 esac

@@ -49,4 +49,16 @@ call2)  # card 0: the training step, one change at a time; card 1: refine (exact
   cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log  # the device tool returns at most 8 files
   ls "$OUT"
   ;;
+call3)  # card 0: does compiling the blocks pay, alone and inside the full step (kernel table); card 1: refine end to end
+  (pd 0 autocast --no-parts --no-profile
+   pd 0 autocast-compile-blocks --compile blocks --no-parts --no-profile
+   ts 0 grouped-compile --compile blocks --steps 6 --warmup 4 --profile "$OUT") > "$OUT/card0.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 480 python3 bench/refine.py --parts e2e,e2efast,variants --budget-s 420 \
+    --variants fast,50+c2d2,50@0.3+c3d2,50@0.3 --out "$OUT/refine.json" > "$OUT/refine.log" 2>&1
+  grep -v "it/s\]" "$OUT/refine.log" | grep -v '^ \|^{\|^}' | tail -20
+  wait
+  cat "$OUT/card0.log"
+  cat "$OUT"/ts_*.log "$OUT"/pd_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log "$OUT"/pd_*.log
+  ls "$OUT"
+  ;;
 esac

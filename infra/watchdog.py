@@ -16,6 +16,18 @@ Before the stop call it interrupts a job that is still running (Ctrl-C into its 
 trainer can write its checkpoint), waits for in-flight atomic writes (temp files still growing under
 outputs/), and calls sync(2): what is on the volume then is what the next start finds.
 
+Several jobs, one pod. Every watchdog stops the whole pod, and jobs come and go: `fab infer` lingers 10 min
+after its job, and a `fab train` started meanwhile (or in the seconds before the watchdog's next check) must
+not lose its pod to the old job's watchdog. So a job-ended or idle stop stands down while another job holds
+the pod (pod_owner): a job running with its own live watchdog, a live watchdog still lingering after its job,
+an attended `fab` task that is about to start a job (a claim file, jobs/.claim.<task>.json, with an expiry),
+or, for job-ended only, a busy job running without a watchdog. The decision is logged ("stood-down") and kept
+in watchdog.json (`fab status` shows it); it is taken at each check and taken again right before the stop
+call, after the flush. A stood-down watchdog goes on watching: budget and max-runtime stops never stand down
+(they interrupt every running job so the trainer checkpoints, then stop the pod), and once no job holds the
+pod for --handover-grace-seconds it re-arms and stops the pod itself. A watchdog that stood down is no owner,
+so two watchdogs never wait for each other.
+
 Robustness. API errors are retried with backoff, then retried forever at a capped interval with a loud
 line in the log each time: the watchdog never exits leaving the pod running silently. It runs as two
 processes: a supervisor that restarts the worker when it dies or hangs (no heartbeat; state is in
@@ -58,8 +70,15 @@ EXIT_FILE = "exit_code"
 DEFAULT_TEMP_GLOBS = ("*.tmp", "*.tmp.*", "*.tmp[0-9]*", ".tmp*", "*.partial", "*.incomplete")
 NVIDIA_SMI = "nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits"
 EX_LOCKED = 75  # worker: another worker already watches this job (EX_TEMPFAIL)
+CLAIM_PREFIX = ".claim."  # jobs/.claim.<task>.json: an attended `fab` task holds the pod until expires_at
 
 REASONS = ("job-ended", "budget", "max-runtime", "idle")
+# The stops that mean "nobody needs the pod": wrong while another job holds it, so they stand down. Budget and
+# max-runtime protect the money whatever runs, and never do.
+DEFERRABLE = ("job-ended", "idle")
+# Jobs that keep a pod busy (remote/jobs.py names; playbooks/common.py starts them). Not tensorboard or setup:
+# a TensorBoard left running must not keep a pod up.
+BUSY_JOBS = ("train", "serve", "process", "weights", "infer")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +108,7 @@ class Settings:
     pod_refresh_s: float = 300.0  # re-read the pod ($/h, uptime, status) this often
     linger_s: float = 0.0  # keep the pod this long after the job ends (for a `fab fetch` right after); 0: stop at once
     start_grace_s: float = 120.0  # an exit_code already there at start is the previous run's for this long
+    handover_grace_s: float = 120.0  # after standing down, stop only once no job has held the pod this long
 
     def __post_init__(self):
         self.job_dir = Path(self.job_dir)
@@ -123,8 +143,48 @@ class Observation:
 @dataclass
 class Decision:
     stop: bool
-    reason: str  # one of REASONS, or "ok"
+    reason: str  # one of REASONS, or ok | lingering | stood-down | re-arming | already-stopped | watchdog-crash-loop
     detail: str
+    owner: str = ""  # stood-down / re-arming: the job that holds the pod
+
+
+@dataclass
+class Peer:
+    """Another holder of this pod, as the jobs folder shows it (Watchdog.peers reads it)."""
+
+    name: str  # its job (jobs/<name>), or the task of a claim
+    running: bool = False  # its job runs: no exit_code, tmux session alive
+    watchdog: str = ""  # "live": its watchdog watches this pod | "stood-down": alive, but standing down too | ""
+    claim: bool = False  # an attended `fab <name>` is about to start a job here (claim file not expired)
+
+    def holds(self, reason: str) -> bool:
+        """Does this peer make a `reason` stop wrong? A stood-down watchdog never holds the pod (else two
+        watchdogs could wait for each other); an unwatched running job holds it against job-ended only: the
+        idle stop is what still ends a job that hangs with nobody watching it."""
+        if self.watchdog == "live" or self.claim:
+            return True
+        return reason == "job-ended" and self.running
+
+    def describe(self) -> str:
+        if self.claim:
+            return f"`fab {self.name}` is starting a job on this pod (its claim); that job's watchdog takes over"
+        if self.watchdog == "live" and self.running:
+            return f"job {self.name} now runs on this pod and its watchdog owns the pod"
+        if self.watchdog == "live":
+            return f"job {self.name} has ended but its watchdog still holds this pod (it stops the pod itself)"
+        whose = "its watchdog stood down too" if self.watchdog else "without a watchdog"
+        return (f"job {self.name} runs on this pod {whose}; stopping the pod would kill it "
+                f"(this watchdog stops the pod once no job runs)")
+
+
+def pod_owner(peers: list[Peer], reason: str) -> Optional[Peer]:
+    """The peer that now holds the pod against a `reason` stop, or None: then the stop goes ahead.
+    Only job-ended and idle stops can be held; a running job with its own watchdog comes first."""
+    if reason not in DEFERRABLE:
+        return None
+    holders = [p for p in peers if p.holds(reason)]
+    rank = lambda p: (not (p.watchdog == "live" and p.running), p.watchdog != "live", not p.claim)  # noqa: E731
+    return min(holders, key=rank, default=None)
 
 
 @dataclass
@@ -150,6 +210,9 @@ class State:
     stale_exit_mtime: Optional[float] = None  # mtime of an exit_code that predates us (a previous run's)
     outcome: str = "watching"  # watching | stopping | stopped | stop-failing
     reason: str = ""
+    stood_down_for: str = ""  # the job (or claim) that holds the pod while this watchdog stands down; "" when armed
+    stood_down_detail: str = ""
+    owner_seen_at: Optional[float] = None  # when a holder was last seen (the hand-over grace counts from it)
     poll_s: float = 30.0
     settings: dict = field(default_factory=dict)
 
@@ -169,27 +232,51 @@ class State:
         atomic_write(path, json.dumps(asdict(self), indent=1, default=str))
 
 
-def decide(s: Settings, st: State, obs: Observation) -> Decision:
-    """The whole policy, as a pure function of the settings, the persisted state and one observation.
-    Precedence: a finished job first (it explains everything after it), then money, then time, then idleness."""
+def decide(s: Settings, st: State, obs: Observation, peers: Optional[list[Peer]] = None) -> Decision:
+    """The whole policy, as a pure function of the settings, the persisted state, one observation and the other
+    holders of the pod (`peers`; None: not looked at, as when no stop is due).
+    Precedence: a finished job first (it explains everything after it), then money, then time, then idleness.
+    A job-ended or idle stop stands down while a peer holds the pod (pod_owner), and for handover_grace_s after
+    the last holder went (the next stage of a `fab train` may be seconds away); money and time never do."""
+    ended = lingering = None
     if obs.exit_code is not None:
         waited = obs.now - (st.job_ended_at if st.job_ended_at is not None else obs.now)
         if waited >= s.linger_s:
-            return Decision(True, "job-ended", f"job exit code {obs.exit_code}")
-        lingering = Decision(False, "lingering", f"job ended (exit {obs.exit_code}); stopping in {s.linger_s - waited:.0f} s")
-    else:
-        lingering = None
+            ended = Decision(True, "job-ended", f"job exit code {obs.exit_code}")
+        else:
+            lingering = Decision(False, "lingering", f"job ended (exit {obs.exit_code}); stopping in {s.linger_s - waited:.0f} s")
+    cap = None
     if s.budget_usd > 0:
         projected = projected_usd(s, st, obs)
         if projected >= s.budget_usd:
-            return Decision(True, "budget", f"projected ${projected:.2f} >= budget ${s.budget_usd:.2f} "
-                            f"(billed ${st.billed_before_usd or 0:.2f} + ${obs.usd_per_hour:.2f}/h)")
-    if s.max_runtime_hours > 0 and obs.uptime_s >= s.max_runtime_hours * 3600:
-        return Decision(True, "max-runtime", f"ran {obs.uptime_s / 3600:.2f} h >= {s.max_runtime_hours:g} h")
+            cap = Decision(True, "budget", f"projected ${projected:.2f} >= budget ${s.budget_usd:.2f} "
+                           f"(billed ${st.billed_before_usd or 0:.2f} + ${obs.usd_per_hour:.2f}/h)")
+    if cap is None and s.max_runtime_hours > 0 and obs.uptime_s >= s.max_runtime_hours * 3600:
+        cap = Decision(True, "max-runtime", f"ran {obs.uptime_s / 3600:.2f} h >= {s.max_runtime_hours:g} h")
+    idle = None
     if s.idle_minutes > 0 and st.idle_since is not None and obs.now - st.idle_since >= s.idle_minutes * 60:
-        return Decision(True, "idle", f"GPU idle (< {s.idle_util_pct:g}%) for {(obs.now - st.idle_since) / 60:.1f} min "
+        idle = Decision(True, "idle", f"GPU idle (< {s.idle_util_pct:g}%) for {(obs.now - st.idle_since) / 60:.1f} min "
                         f">= {s.idle_minutes:g} min")
-    return lingering or Decision(False, "ok", "")
+
+    def held(d: Optional[Decision]) -> Optional[Decision]:
+        """`d` stood down, when a peer holds the pod against it (or held it less than the grace ago)."""
+        owner = pod_owner(peers or [], d.reason) if d is not None else None
+        if owner is not None:
+            return Decision(False, "stood-down", f"stood down ({d.reason}): {owner.describe()}", owner.name)
+        if d is not None and st.stood_down_for and st.owner_seen_at is not None:
+            left = s.handover_grace_s - (obs.now - st.owner_seen_at)
+            if left > 0:
+                return Decision(False, "re-arming", f"{d.reason}: {st.stood_down_for} no longer holds the pod; "
+                                f"stopping in {left:.0f} s unless a job takes it", st.stood_down_for)
+        return None
+
+    if ended is not None and held(ended) is None:
+        return ended
+    if cap is not None:
+        return cap
+    if idle is not None and held(idle) is None:
+        return idle
+    return held(ended) or held(idle) or lingering or Decision(False, "ok", "")
 
 
 def projected_usd(s: Settings, st: State, obs: Observation) -> float:
@@ -344,6 +431,7 @@ class Watchdog:
             self.log("start", settings=_settings_summary(self.s),
                      stale_exit_code=self.st.stale_exit_mtime is not None)
         self.st.worker_pid = os.getpid()
+        self.st.heartbeat = time.time()  # alive from the start: another job's watchdog may look before our first wait
         self.st.poll_s = self.s.poll_s
         self.st.settings = _settings_summary(self.s)
         self._last_pod_read: Optional[float] = None
@@ -462,9 +550,14 @@ class Watchdog:
             return None  # the previous run's: the job we watch has not started yet
         return code  # no job came: the pod has nothing to do
 
+    def peers(self) -> list[Peer]:
+        """The other holders of this pod: jobs beside ours under jobs/, their watchdogs, and fab's claims."""
+        return scan_peers(self.s.job_dir, self.s.pod_id)
+
     def check(self) -> Decision:
         """One round: observe, update the idle clock, decide, log, persist."""
-        status = self._refresh_pod()
+        # Standing down, we look at the pod every round: the owner's watchdog stopping it ends our watch too.
+        status = self._refresh_pod(force=bool(self.st.stood_down_for))
         if status in ("EXITED", "TERMINATED"):
             return Decision(True, "already-stopped", f"pod is {status} (stopped by someone else)")
         obs = self.observe()
@@ -474,6 +567,9 @@ class Watchdog:
             self.st.job_ended_at = obs.now
         update_idle(self.s, self.st, obs)
         d = decide(self.s, self.st, obs)
+        if self.st.stood_down_for or (d.stop and d.reason in DEFERRABLE):
+            d = decide(self.s, self.st, obs, self.peers())  # the jobs folder is read only when it matters
+        self._note_stand_down(d, obs.now)
         self.st.last_check = obs.now
         self.st.last_decision = d.reason
         self.st.projected_usd = round(projected_usd(self.s, self.st, obs), 4) if self.s.budget_usd > 0 else None
@@ -483,6 +579,22 @@ class Watchdog:
                  projected_usd=self.st.projected_usd)
         self.save()
         return d
+
+    def _note_stand_down(self, d: Decision, now: float) -> None:
+        """Log the stand-down when it starts or changes hands, and the re-arming when it ends."""
+        if d.reason == "stood-down":
+            self.st.owner_seen_at = now
+            if (self.st.stood_down_for, self.st.stood_down_detail) != (d.owner, d.detail):  # new, or changed hands
+                self.log("stood-down", owner=d.owner, detail=d.detail,
+                         note="budget and max-runtime still stop the pod from here")
+            self.st.stood_down_for, self.st.stood_down_detail = d.owner, d.detail
+        elif d.reason == "re-arming":
+            if not self.st.stood_down_detail.startswith(d.reason):
+                self.log("re-arming", was=self.st.stood_down_for, grace_s=self.s.handover_grace_s)
+            self.st.stood_down_detail = f"{d.reason}: {d.detail}"
+        elif self.st.stood_down_for:
+            self.log("re-armed", was=self.st.stood_down_for, decision=d.reason, detail=d.detail or None)
+            self.st.stood_down_for, self.st.stood_down_detail, self.st.owner_seen_at = "", "", None
 
     # ---- acting ----------------------------------------------------------------------------
 
@@ -499,36 +611,64 @@ class Watchdog:
                     self.log("done", reason=d.reason, detail=d.detail)
                     self.save()
                     return d.reason
-                self.shutdown(d)
-                return d.reason
+                if self.shutdown(d):
+                    return d.reason
+                # another job took the pod while we flushed: watch on (stood down)
             self.sleep(self.s.poll_s)
 
-    def shutdown(self, d: Decision) -> None:
+    def shutdown(self, d: Decision) -> bool:
+        """Interrupt, flush, stop. False when the stop stood down at the last moment (see stop_pod)."""
         self.st.outcome, self.st.reason = "stopping", d.reason
         self.log("decision", action="stop", reason=d.reason, detail=d.detail)
         self.save()
-        if read_exit_code(self.s.job_dir) is None:  # still running: let it checkpoint first
-            self._interrupt()
+        running = [self.s.job_dir] if read_exit_code(self.s.job_dir) is None else []  # let it checkpoint first
+        if d.reason not in DEFERRABLE:
+            # Money or time: the pod stops under every job on it, so every one gets its Ctrl-C (a training that
+            # our job's end left running checkpoints too). A job-ended or idle stop found none running.
+            running += [self.s.job_dir.parent / p.name for p in self.peers() if p.running and not p.claim]
+        if running:
+            self._interrupt(running)
         self.flush()
-        self.stop_pod()
+        return self.stop_pod()
 
-    def _interrupt(self) -> None:
-        """A job still running gets Ctrl-C (the trainer checkpoints on it) and interrupt_grace_s to exit."""
-        try:
-            sent = self.interrupt_job(self.s.job_dir)
-        except Exception as e:
-            sent = False
-            self.log("interrupt-error", error=str(e))
-        self.log("interrupt", sent=sent, grace_s=self.s.interrupt_grace_s)
-        if not sent:
-            return
+    def _interrupt(self, job_dirs: list[Path]) -> None:
+        """Jobs still running get Ctrl-C (the trainer checkpoints on it) and interrupt_grace_s to exit."""
+        sent_to = []
+        for job_dir in job_dirs:
+            try:
+                sent = self.interrupt_job(job_dir)
+            except Exception as e:
+                sent = False
+                self.log("interrupt-error", job=job_dir.name, error=str(e))
+            self.log("interrupt", job=job_dir.name, sent=sent, grace_s=self.s.interrupt_grace_s)
+            if sent:
+                sent_to.append(job_dir)
         deadline = self.clock() + self.s.interrupt_grace_s
-        while self.clock() < deadline:
-            if read_exit_code(self.s.job_dir) is not None:
-                self.log("job-exited", exit_code=read_exit_code(self.s.job_dir))
+        while sent_to:
+            for job_dir in [j for j in sent_to if read_exit_code(j) is not None]:
+                self.log("job-exited", job=job_dir.name, exit_code=read_exit_code(job_dir))
+                sent_to.remove(job_dir)
+            if not sent_to:
                 return
+            if self.clock() >= deadline:
+                break
             self.sleep(min(2.0, self.s.poll_s))
-        self.log("job-still-running", note="stopping anyway; checkpoints already renamed into place are safe")
+        if sent_to:
+            self.log("job-still-running", jobs=[j.name for j in sent_to],
+                     note="stopping anyway; checkpoints already renamed into place are safe")
+
+    def _stand_down_before_stop(self) -> bool:
+        """Right before the stop call, after the flush: has another job taken the pod meanwhile (a `fab train`
+        started while we lingered or flushed)? Then stand down and watch on. Only job-ended and idle stops ask."""
+        if self.st.reason not in DEFERRABLE:
+            return False
+        d = self.check()
+        if d.stop:
+            return False
+        self.st.outcome, self.st.reason = "watching", ""
+        self.log("stop-cancelled", decision=d.reason, detail=d.detail, note="the stop call was not made")
+        self.save()
+        return True
 
     def flush(self) -> None:
         """Wait for in-flight atomic writes (temp files still changing), then sync(2)."""
@@ -550,29 +690,32 @@ class Watchdog:
         self.sync()
         self.log("flushed", dirs=[str(p) for p in self.s.flush_dirs])
 
-    def stop_pod(self) -> None:
-        """POST stop until the pod is EXITED. Never gives up: a pod left running is a bill."""
+    def stop_pod(self) -> bool:
+        """POST stop until the pod is EXITED. Never gives up: a pod left running is a bill. False when a job-ended
+        or idle stop stood down instead, because another job took the pod before the call."""
         attempt = 0
         while True:
             try:
                 pod = self.client.get_pod(self.s.pod_id)
                 if pod.status in ("EXITED", "TERMINATED"):
                     self._stopped(pod.status)
-                    return
+                    return True
                 if pod.raw.get("locked"):
                     self.log("pod-locked", note="the pod is locked, which prevents stopping; unlock it in the "
                              "RunPod console or `fab teardown` will fail too")
+                if self._stand_down_before_stop():
+                    return False
                 self.log("stop-request", attempt=attempt + 1)
                 pod = self.client.stop_pod(self.s.pod_id)
                 if pod is None or pod.status in ("EXITED", "TERMINATED"):
                     self._stopped(pod.status if pod else "TERMINATED")
-                    return
+                    return True
                 self.log("stop-pending", status=pod.status)
             except Exception as e:
                 code = getattr(e, "status_code", None)
                 if code == 404:
                     self._stopped("TERMINATED")
-                    return
+                    return True
                 self.st.outcome = "stop-failing"
                 self.save()
                 # Loud every time: `fab status` shows the last lines of this log.
@@ -585,6 +728,86 @@ class Watchdog:
         self.st.outcome = "stopped"
         self.log("stopped", status=status, reason=self.st.reason)
         self.save()
+
+
+def scan_peers(job_dir: Path, pod_id: str, now: Optional[float] = None) -> list[Peer]:
+    """The other holders of the pod, from the jobs folder (<root>/jobs, remote/jobs.py's layout) beside `job_dir`.
+
+    A watchdog counts as live when its watchdog.json names this pod, is still watching (or stopping), beat its
+    heart within 3 polls + a minute (wall clock, as health() judges it) and its worker's pid exists here. A job
+    runs when it has no exit_code and its tmux session lives. Unreadable means absent: when in doubt, stop."""
+    job_dir = Path(job_dir)
+    root = job_dir.parent
+    now = time.time() if now is None else now
+    peers: list[Peer] = []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return peers
+    for d in entries:
+        if d.name == job_dir.name:
+            continue  # our own job: never a reason to stand down
+        if d.name.startswith(CLAIM_PREFIX) and d.name.endswith(".json"):
+            claim = _read_claim(d, pod_id, now)
+            if claim:
+                peers.append(Peer(claim, claim=True))
+            continue
+        if not d.is_dir():
+            continue
+        watchdog = ""
+        st = State.load(d / STATE_FILE)
+        if (st is not None and st.pod_id == pod_id and st.outcome in ("watching", "stopping", "stop-failing")
+                and _alive(st, now)):
+            watchdog = "stood-down" if st.stood_down_for else "live"
+        running = False
+        if (watchdog or d.name in BUSY_JOBS) and read_exit_code(d) is None:
+            running = tmux_job_alive(d)
+        if watchdog or running:
+            peers.append(Peer(d.name, running=running, watchdog=watchdog))
+    return peers
+
+
+def _alive(st: State, now: float) -> bool:
+    if st.heartbeat is None or now - st.heartbeat > 3 * (st.poll_s or 30.0) + 60:
+        return False
+    if st.worker_pid:
+        try:
+            os.kill(st.worker_pid, 0)
+        except ProcessLookupError:
+            return False  # killed: its heartbeat is a ghost
+        except OSError:
+            pass  # exists, not ours to signal
+    return True
+
+
+def _read_claim(path: Path, pod_id: str, now: float) -> str:
+    """The task of an unexpired claim on this pod (playbooks/common.py claim_pod writes it), else "". The pod id
+    matters: a network volume, and its jobs/ folder, may be mounted by another stack's pod at the same time."""
+    try:
+        data = json.loads(path.read_text())
+        if float(data["expires_at"]) > now and data.get("pod_id") == pod_id:
+            return str(data.get("task") or path.name[len(CLAIM_PREFIX):-len(".json")])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return ""
+
+
+def tmux_job_alive(job_dir: Path) -> bool:
+    """Does the job's tmux session (remote/jobs.py: socket <root>/jobs/tmux.sock, session in job.json) live?"""
+    job_dir = Path(job_dir)
+    try:
+        session = json.loads((job_dir / "job.json").read_text()).get("session")
+    except (OSError, ValueError, AttributeError):
+        return False
+    sock = job_dir.parent / "tmux.sock"
+    if not session or not sock.exists():
+        return False
+    try:
+        r = subprocess.run(["tmux", "-S", str(sock), "has-session", "-t", f"={session}"], capture_output=True,
+                           timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
 
 
 def interrupt_tmux_job(job_dir: Path) -> bool:
@@ -752,6 +975,10 @@ def health(state_json: str, now: Optional[float] = None) -> Health:
                       f"watchdog is stopping the pod ({st.reason}): flushing checkpoints, then the stop call")
     if st.outcome == "stopped":
         return Health(False, st.outcome, st.reason, age, st.projected_usd, f"watchdog stopped the pod ({st.reason})")
+    if st.stood_down_for and not stale and st.outcome == "watching":
+        return Health(True, "stood-down", st.reason, age, st.projected_usd,
+                      f"watchdog {st.stood_down_detail or 'stood down for ' + st.stood_down_for}; "
+                      f"it still stops the pod for budget or max runtime")
     if st.outcome == "stop-failing":
         return Health(not stale, st.outcome, st.reason, age, st.projected_usd,
                       f"watchdog is FAILING to stop the pod ({st.reason}); see watchdog.log, then `fab teardown`")
@@ -788,7 +1015,7 @@ def _iso(t: Optional[float]) -> Optional[str]:
 def _settings_summary(s: Settings) -> dict:
     return {"job_dir": str(s.job_dir), "pod_id": s.pod_id, "stack": s.stack, "idle_minutes": s.idle_minutes,
             "max_runtime_hours": s.max_runtime_hours, "budget_usd": s.budget_usd, "poll_s": s.poll_s,
-            "linger_s": s.linger_s,
+            "linger_s": s.linger_s, "handover_grace_s": s.handover_grace_s,
             "volume_ids": list(s.volume_ids)}
 
 
@@ -832,6 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where checkpoints are written (default: <workspace>/outputs and the job dir)")
     ap.add_argument("--linger-minutes", type=float, default=0.0,
                     help="keep the pod up this long after the job ends, e.g. for `fab fetch` (default 0: stop at once)")
+    ap.add_argument("--handover-grace-seconds", type=float, default=120.0,
+                    help="after standing down for another job, stop the pod only once no job has held it this long")
     ap.add_argument("--flush-timeout-seconds", type=float, default=600.0)
     ap.add_argument("--interrupt-grace-seconds", type=float, default=120.0)
     ap.add_argument("--daemon", action="store_true", help="detach (setsid), print the supervisor pid and return")
@@ -867,7 +1096,7 @@ def settings_from_args(args) -> Settings:
         stack=args.stack, volume_ids=volume_ids, poll_s=args.poll_seconds, idle_util_pct=args.idle_util,
         gpu_probe_cmd=args.gpu_probe_cmd, flush_dirs=list(args.flush_dir),
         flush_timeout_s=args.flush_timeout_seconds, interrupt_grace_s=args.interrupt_grace_seconds,
-        linger_s=args.linger_minutes * 60.0,
+        linger_s=args.linger_minutes * 60.0, handover_grace_s=args.handover_grace_seconds,
     )
 
 

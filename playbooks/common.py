@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
 import shlex
+import socket
+import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
+from infra.watchdog import BUSY_JOBS, CLAIM_PREFIX
 from remote import TargetError, jobs
 from remote.stack import default_stack, target_for
 from remote.target import REPO, Target
@@ -110,6 +116,7 @@ def start_watchdog(t: Target, job: str, linger_minutes: float = 0.0, idle: bool 
     # The job and its pod are the watchdog's now (or, if it failed, the user's, as the warning says):
     # target() must not stop the pod under the job when the task returns.
     t.left_running = job
+    release_claim(t)  # the hand-over is done: the job runs, and its watchdog (or the warning below) has it
     if r.ok:
         linger = f" (+{linger_minutes:g} min for a fetch)" if linger_minutes else ""
         idles = f"idles {t.config.autostop_idle_minutes} min or " if idle else ""
@@ -120,23 +127,110 @@ def start_watchdog(t: Target, job: str, linger_minutes: float = 0.0, idle: bool 
             f"this pod will not stop by itself: `fab teardown --stack {t.name}` when done")
 
 
-POD_JOBS = ("train", "serve", "process", "weights", "infer")  # jobs that keep a pod busy (not tensorboard, setup)
+POD_JOBS = BUSY_JOBS  # jobs that keep a pod busy (not tensorboard, setup); the watchdog uses the same list
 
 
 def watch_job(t: Target, job: str, linger_minutes: float = 0.0, idle: bool = True) -> None:
-    """The watchdog for a job a standalone task (process, weights, infer) started, unless another job runs there.
+    """The watchdog for a job a standalone task (process, weights, infer) started.
 
-    A watchdog stops the whole pod, so one on `job` would stop a training or a server running beside it when
-    `job` ends; that other job's own watchdog (or the user, with --no-autostop) decides when the pod stops."""
+    Also beside another running job: a watchdog whose job ends while another job holds the pod stands down
+    instead of stopping the pod (infra/watchdog.py pod_owner), so whichever job ends last stops it, and each
+    job's own settings apply to it (processing: no GPU-idle stop)."""
     if t.kind != "pod" or t.pod is None:
         return
     busy = [j for j in POD_JOBS if j != job and jobs.state(t, j).state == "running"]
     if busy:
-        say(f"[{t.name}] no watchdog on '{job}': {', '.join(busy)} also runs on this pod and stopping the pod when "
-            f"'{job}' ends would stop it too; its watchdog (or `fab teardown --stack {t.name}`) stops the pod")
-        t.left_running = job
-        return
+        say(f"[{t.name}] {', '.join(busy)} also runs on this pod: the pod stops when the last of them ends")
     start_watchdog(t, job, linger_minutes, idle)
+
+
+CLAIM_TTL_S = 600  # a laptop that dies mid-task holds the pod against job-end and idle stops this long at most
+CLAIM_REFRESH_S = 120  # while the task runs, its claim is written again this often
+
+
+@contextmanager
+def claim_pod(t: Target, task: str):
+    """`with claim_pod(t, "train"):` - tell the pod's watchdogs that an attended task is about to start a job.
+
+    A watchdog whose job ended (`fab infer` lingers 10 min; any watchdog takes up to one poll to act) would
+    otherwise stop the pod under this task's setup, sync or processing, before the new job and its watchdog
+    exist. The claim makes them stand down (infra/watchdog.py); start_watchdog releases it once the new job's
+    watchdog runs, and so does the end of the task. Budget and max-runtime stops ignore it."""
+    if t.kind != "pod" or t.pod is None:
+        yield  # no watchdog runs on this machine
+        return
+    with Claim(t, task):
+        yield
+
+
+class Claim:
+    """jobs/.claim.<task>.json on `t`, renewed every `refresh_s` by a thread until released: each write sets the
+    expiry `ttl_s` ahead by the target's own clock, so a laptop that goes away stops holding the pod then."""
+
+    def __init__(self, t: Target, task: str, ttl_s: float = CLAIM_TTL_S, refresh_s: float = CLAIM_REFRESH_S):
+        self.t, self.task, self.ttl_s, self.refresh_s = t, task, ttl_s, refresh_s
+        self.path: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "Claim":
+        self.path = write_claim(self.t, self.task, self.ttl_s)
+        self.t.claim = self
+        threading.Thread(target=self._renew, name=f"claim-{self.task}", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _renew(self) -> None:
+        # From this thread, only a plain command: t.run() may open the SSH master, which is the main thread's
+        # business (a reconnect there must not race one here). Without a master, ssh connects on its own.
+        while not self._stop.wait(self.refresh_s):
+            with self._lock:
+                if self.path is None:
+                    return
+                try:
+                    subprocess.run(self.t.argv(claim_command(self.t, self.task, self.ttl_s)), stdin=subprocess.DEVNULL,
+                                   capture_output=True, timeout=60)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass  # a dropped connection: the task's own calls report it; the claim expires by itself
+
+    def release(self) -> None:
+        """Remove the claim; never raises (it expires anyway)."""
+        with self._lock:  # a renewal in flight finishes first, and none follows
+            path, self.path = self.path, None
+            self._stop.set()
+        if path is None:
+            return
+        try:
+            self.t.run(f"rm -f {shlex.quote(path)}", check=False)
+        except Exception as e:  # noqa: BLE001 - a lost connection: the claim expires by itself
+            say(f"[{self.t.name}] could not remove {path} ({e}); it expires within {self.ttl_s / 60:g} min")
+
+
+def write_claim(t: Target, task: str, ttl_s: float = CLAIM_TTL_S) -> str:
+    """Write jobs/.claim.<task>.json on `t`; returns its path."""
+    t.run(claim_command(t, task, ttl_s))
+    return t.path("jobs", f"{CLAIM_PREFIX}{task}.json")
+
+
+def claim_command(t: Target, task: str, ttl_s: float) -> str:
+    """The shell command that writes a claim: temp file, then rename; the expiry by the target's own clock."""
+    path = t.path("jobs", f"{CLAIM_PREFIX}{task}.json")
+    who = re.sub(r"[^A-Za-z0-9@._-]", "_", f"{getpass.getuser()}@{socket.gethostname()}")
+    # The pod's id: on a network volume that several stacks' pods mount, jobs/ is shared; a claim holds one pod.
+    pod_id = getattr(getattr(t, "pod", None), "id", None) or ""
+    head = json.dumps({"task": task, "pod_id": pod_id, "by": f"fab {task} from {who}"})[:-1] + ', "expires_at": '
+    tmp = f"{path}.{os.getpid()}.tmp"
+    return (f"mkdir -p {shlex.quote(t.path('jobs'))} && e=$(( $(date +%s) + {int(ttl_s)} )) && "
+            f"printf '%s%s}}\n' {shlex.quote(head)} \"$e\" > {shlex.quote(tmp)} && mv {shlex.quote(tmp)} {shlex.quote(path)}")
+
+
+def release_claim(t: Target) -> None:
+    """Release the task's claim on `t` (claim_pod), if it holds one."""
+    claim = getattr(t, "claim", None)
+    if claim is not None:
+        claim.release()
 
 
 def run_job(t: Target, name: str, command: str, *, follow: bool = True, env: dict | None = None,

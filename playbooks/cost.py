@@ -10,6 +10,7 @@ The other tasks call these (they print nothing themselves; they return lines):
     estimate_lines(stack, config, meshes=None, ...)        `fab train --dry-run`: GPU $/h, storage, hours
     watchdog_args(t, job="train")                          the autostop watchdog's command line for a job
     watchdog_line(t, job="train")                          is that watchdog alive (from its heartbeat)
+    watchdog_lines(t)                                      `fab status`: every job's watchdog that matters now
 """
 
 from __future__ import annotations
@@ -166,6 +167,35 @@ def watchdog_line(t, job: str = "train") -> str:
 
     r = t.run(f"cat {shlex.quote(t.path('jobs', job, STATE_FILE))} 2>/dev/null", check=False)
     return "autostop: " + health(r.stdout).message
+
+
+def watchdog_lines(t) -> list[str]:
+    """`fab status`: the watchdogs on the pod, one line each (one round trip reads every jobs/*/watchdog.json).
+
+    Every live one (watching, stood down for another job, stopping) and every one failing to stop; when none is
+    alive, the latest one's last word (it stopped the pod, or it is NOT RUNNING and nothing will stop the pod)."""
+    import json
+
+    from infra.watchdog import STATE_FILE, health
+
+    jobs_dir = shlex.quote(t.path("jobs"))
+    r = t.run(f"cd {jobs_dir} 2>/dev/null && for f in */{STATE_FILE}; do [ -f \"$f\" ] && "
+              f"printf '%s\\t%s\\n' \"${{f%%/*}}\" \"$(tr -d '\\n' < \"$f\")\"; done; true", check=False)
+    found = []
+    for line in r.stdout.splitlines():
+        job, _, text = line.partition("\t")
+        try:
+            beat = json.loads(text).get("heartbeat") or 0.0
+        except ValueError:
+            beat = 0.0
+        found.append((beat, job, health(text)))
+    if not found:
+        return ["autostop: " + health("").message]
+    shown = [(job, h) for _, job, h in sorted(found, reverse=True) if h.running or h.outcome == "stop-failing"]
+    if not shown:
+        _, job, h = max(found, key=lambda f: f[0])
+        shown = [(job, h)]
+    return [f"autostop ({job}): {h.message}" for job, h in shown]
 
 
 @task(help={

@@ -14,6 +14,7 @@ from playbooks.common import (
     OUTPUT,
     STACK_HELP,
     WEIGHTS,
+    claim_pod,
     config_path,
     py,
     run_job,
@@ -87,7 +88,7 @@ def do_process(t: Target, config: str, follow: bool = True, watch: bool = False)
 def process(c, stack=None, config=None, tiny=False, follow=True):
     """Turn data/input meshes into training samples (detached; resumes where it stopped)."""
     cfg = config_path("processing", config, tiny)
-    with target(stack) as t:
+    with target(stack) as t, claim_pod(t, "process"):
         do_process(t, cfg, follow, watch=True)
 
 
@@ -135,5 +136,5 @@ def do_weights(
 def weights(c, stack=None, repo="infinith/UltraShape", filename="ultrashape_v1.pt", revision="main",
             source=None, follow=True, out=None):
     """Download the released UltraShape weights on the target (resumes; sha256 and layout checked)."""
-    with target(stack) as t:
+    with target(stack) as t, claim_pod(t, "weights"):
         do_weights(t, repo, filename, revision, source, follow, out, watch=True)

@@ -21,7 +21,9 @@ from playbooks.common import (
     follow_job,
     last_metrics,
     latest_run,
+    claim_pod,
     py,
+    release_claim,
     run_job,
     say,
     start_watchdog,
@@ -91,7 +93,9 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
         print("local: nothing is billed")
         return
     stack = name
-    with target(stack) as t:
+    # The claim: a watchdog whose job just ended (or lingers) stands down while this command sets up, syncs and
+    # processes, instead of stopping the pod under it; the training's watchdog takes over (start_watchdog).
+    with target(stack) as t, claim_pod(t, "train"):
         st = jobs.state(t, "train")
         if st.state == "running":
             say(f"[{t.name}] training is already running; following it (Ctrl-C detaches)")
@@ -140,6 +144,7 @@ def train(c, stack=None, config=None, tiny=False, src=INPUT, limit=None, fresh=F
             start_watchdog(t, "train", linger_minutes=10 if follow else 0)
         elif t.kind == "pod":
             t.left_running = "train"  # the user's call: target() must not stop the pod under the training
+            release_claim(t)  # other watchdogs see the training running and leave the pod to it
             say(f"[{t.name}] no watchdog (--no-autostop): this pod bills until `fab teardown --stack {t.name}`")
         if follow:
             follow_job(t, "train")
@@ -248,9 +253,10 @@ def status(c, stack=None):
                 print(f"  {job}: {s.state}" + (f" (exit {s.exit_code})" if s.exit_code is not None else ""))
         status_lines(t)
         if t.kind == "pod":
-            from playbooks.cost import watchdog_line
+            from playbooks.cost import watchdog_lines
 
-            print(f"  {watchdog_line(t, 'train')}")
+            for line in watchdog_lines(t):
+                print(f"  {line}")
 
 
 @task(help={"stack": STACK_HELP, "job": "train, process, weights, setup, serve, watchdog, tensorboard",

@@ -14,6 +14,7 @@ from playbooks.common import (
     OUTPUT,
     OUTPUTS,
     STACK_HELP,
+    claim_pod,
     config_path,
     latest_run,
     py,
@@ -53,7 +54,7 @@ def find_ckpt(t: Target, ckpt: str | None) -> str:
 def serve(c, stack=None, ckpt=None, config=None, tiny=False, port=8000):
     """Start the refine API (LitServe) on the target, detached; prints its address and API key file."""
     cfg = config_path("infer", config, tiny)
-    with target(stack) as t:
+    with target(stack) as t, claim_pod(t, "serve"):
         model = find_ckpt(t, ckpt)
         if jobs.state(t, "serve").state == "running":
             say(f"[{t.name}] serve is already running (`fab teardown` or `fab logs --job serve`)")
@@ -117,7 +118,7 @@ def infer(c, stack=None, image=None, mesh=None, ckpt=None, config=None, tiny=Fal
     for f in (image, mesh):
         if f and not Path(f).is_file():
             raise SystemExit(f"error: {f}: no such file")
-    with target(stack) as t:
+    with target(stack) as t, claim_pod(t, "infer"):
         model = find_ckpt(t, ckpt)
         if image:
             up = "data/infer-inputs"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -58,3 +60,22 @@ def bounded_sleep():
         return sleep
 
     return make
+
+
+@pytest.fixture
+def live_emu(tmp_path):
+    """API-only emulator on the wall clock: watchdog processes started by a test sleep for real."""
+    with RunPodEmulator(tmp_path, ssh=False) as emu:
+        yield emu
+
+
+@pytest.fixture
+def procs():
+    """Every pid a test started or learnt of; all are SIGKILLed at the end, whatever happened."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -128,3 +128,29 @@ def test_watchdog_args_and_health_line(tmp_path):
     (tmp_path / "jobs" / "train").mkdir(parents=True)
     State(pod_id="p", started_at=0, last_check=time.time(), poll_s=30).save(tmp_path / "jobs" / "train" / "watchdog.json")
     assert "autostop: watchdog watching" in pc.watchdog_line(t)
+
+
+def test_status_shows_every_live_watchdog_and_a_stand_down(tmp_path):
+    """`fab status` (playbooks/cost.watchdog_lines): one line per live watchdog, a stood-down one says for whom;
+    with none alive, the latest one's last word."""
+    from infra.watchdog import State
+    from remote.target import LocalTarget
+
+    t = LocalTarget(root=tmp_path)
+    assert pc.watchdog_lines(t) == ["autostop: no watchdog state: this pod will NOT stop by itself; `fab teardown` when done"]
+    now = time.time()
+    for job in ("train", "infer", "process"):
+        (tmp_path / "jobs" / job).mkdir(parents=True)
+    State(pod_id="p", started_at=0, heartbeat=now - 86400, outcome="stopped", reason="job-ended",
+          poll_s=30).save(tmp_path / "jobs" / "process" / "watchdog.json")  # last week's
+    State(pod_id="p", started_at=0, heartbeat=now - 3600, outcome="stopped", reason="idle",
+          poll_s=30).save(tmp_path / "jobs" / "infer" / "watchdog.json")
+    assert pc.watchdog_lines(t) == ["autostop (infer): watchdog stopped the pod (idle)"]
+    State(pod_id="p", started_at=0, heartbeat=now, poll_s=30, stood_down_for="train",
+          stood_down_detail="stood down (job-ended): job train now runs on this pod and its watchdog owns the pod",
+          ).save(tmp_path / "jobs" / "infer" / "watchdog.json")
+    State(pod_id="p", started_at=0, heartbeat=now - 1, poll_s=30).save(tmp_path / "jobs" / "train" / "watchdog.json")
+    lines = pc.watchdog_lines(t)
+    assert lines[0].startswith("autostop (infer): watchdog stood down (job-ended): job train now runs on this pod")
+    assert lines[0].endswith("it still stops the pod for budget or max runtime")
+    assert lines[1].startswith("autostop (train): watchdog watching") and len(lines) == 2

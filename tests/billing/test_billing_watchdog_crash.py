@@ -9,85 +9,20 @@ too: the pod keeps running and the heartbeat says so.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from infra import watchdog as wd
-from infra.runpod import RunPodClient
+from tests.billing.watchdog_procs import end_job, log_events, running_pod, spawn, wait_for, worker_pid
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def live_emu(tmp_path):
-    from tests.emulator import RunPodEmulator
-
-    with RunPodEmulator(tmp_path, ssh=False) as emu:  # wall-clock time: real processes sleep for real
-        yield emu
-
-
-@pytest.fixture
-def procs():
-    """Every pid a test started or learnt of; all are SIGKILLed at the end, whatever happened."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def running_pod(emu, make_pod):
-    client = RunPodClient(emu.api_key, emu.base_url)
-    return make_pod(emu, client), client
-
-
-def spawn(emu, pod_id, job_dir: Path, *extra: str) -> subprocess.Popen:
-    job_dir.mkdir(parents=True, exist_ok=True)
-    util = job_dir.parent / "gpu_util"
-    util.write_text("90\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ULTRASHAPE_", "RUNPOD_"))}
-    env.update(emu.client_env(), RUNPOD_POD_ID=pod_id, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "infra.watchdog", "--job-dir", str(job_dir), "--poll-seconds", "0.2",
-           "--idle-minutes", "0", "--max-runtime-hours", "0", "--budget-usd", "0",
-           "--gpu-probe-cmd", f"cat {util}", "--flush-timeout-seconds", "5", "--interrupt-grace-seconds", "0", *extra]
-    out = open(job_dir.parent / "watchdog.stderr", "ab")
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_for(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def worker_pid(job_dir: Path, other_than=None):
-    st = wd.State.load(job_dir / wd.STATE_FILE)
-    if st and st.worker_pid and st.worker_pid != other_than and st.last_check:
-        return st.worker_pid
-    return None
-
-
-def end_job(job_dir: Path, code: int = 0) -> float:
-    wd.atomic_write(job_dir / "exit_code", f"{code}\n")
-    return time.time()
 
 
 def events(job_dir):
-    return [json.loads(x)["event"] for x in (job_dir / wd.LOG_FILE).read_text().splitlines()]
+    return [e["event"] for e in log_events(job_dir)]
 
 
 def test_killed_worker_is_restarted_and_still_stops_the_pod(live_emu, make_pod, tmp_path, procs):

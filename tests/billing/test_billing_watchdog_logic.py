@@ -251,3 +251,134 @@ def test_lock_lives_in_container_temp_and_is_exclusive(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     assert out == "True"
     first.close()
+
+
+# ---- several jobs on one pod: who holds it (decide with peers, pod_owner, scan_peers) --------------------------
+
+P = wd.Peer
+
+
+def test_job_end_stands_down_while_another_watched_job_runs(tmp_path):
+    s = settings(tmp_path, idle_minutes=0, max_runtime_hours=0)
+    st = wd.State(pod_id="pod1", started_at=0, job_ended_at=100)
+    o = obs(200, exit_code=0)
+    assert wd.decide(s, st, o).reason == "job-ended"  # nobody else: stop
+    assert wd.decide(s, st, o, []).reason == "job-ended"
+    d = wd.decide(s, st, o, [P("train", running=True, watchdog="live")])
+    assert not d.stop and d.reason == "stood-down" and d.owner == "train"
+    assert d.detail == "stood down (job-ended): job train now runs on this pod and its watchdog owns the pod"
+    # a live watchdog still lingering after its own job holds the pod too (its linger is for a `fab fetch`)
+    d = wd.decide(s, st, o, [P("infer", watchdog="live")])
+    assert d.reason == "stood-down" and "its watchdog still holds this pod" in d.detail
+    # ...so does a claim, and (against job-ended) a busy job running without a watchdog
+    assert wd.decide(s, st, o, [P("train", claim=True)]).reason == "stood-down"
+    d = wd.decide(s, st, o, [P("train", running=True)])
+    assert d.reason == "stood-down" and "without a watchdog" in d.detail
+    # the running, watched job is preferred as the owner named in the log
+    peers = [P("train", claim=True), P("serve", running=True), P("process", running=True, watchdog="live")]
+    assert wd.decide(s, st, o, peers).owner == "process"
+
+
+def test_budget_and_max_runtime_never_stand_down(tmp_path):
+    live = [P("train", running=True, watchdog="live"), P("train", claim=True)]
+    st = wd.State(pod_id="pod1", started_at=0, job_ended_at=100, billed_before_usd=9.9)
+    s = settings(tmp_path, idle_minutes=0, max_runtime_hours=0, budget_usd=10)
+    assert wd.decide(s, st, obs(200, exit_code=0), live).reason == "budget"  # even with our job ended
+    assert wd.decide(s, st, obs(200, exit_code=None), live).reason == "budget"
+    s = settings(tmp_path, idle_minutes=0, max_runtime_hours=1)
+    assert wd.decide(s, st, obs(200, exit_code=0, uptime=3600), live).reason == "max-runtime"
+    for reason in ("budget", "max-runtime", "watchdog-crash-loop"):
+        assert wd.pod_owner(live, reason) is None
+
+
+def test_idle_stands_down_only_for_a_watched_holder(tmp_path):
+    s = settings(tmp_path, idle_minutes=10, max_runtime_hours=0)
+    st = wd.State(pod_id="pod1", started_at=0, idle_since=0)
+    o = obs(700, gpu=(0,))  # our own job still runs, the GPU idles
+    assert wd.decide(s, st, o).reason == "idle"
+    # a CPU job (processing) with its own watchdog runs beside: the idle GPU is that job's business
+    assert wd.decide(s, st, o, [P("process", running=True, watchdog="live")]).reason == "stood-down"
+    # a job running with nobody watching it does not keep an idle pod up: idleness is what ends a hung job
+    assert wd.decide(s, st, o, [P("train", running=True)]).reason == "idle"
+
+
+def test_a_stood_down_watchdog_is_no_owner_so_two_never_wait_for_each_other(tmp_path):
+    s = settings(tmp_path, idle_minutes=0, max_runtime_hours=0)
+    st = wd.State(pod_id="pod1", started_at=0, job_ended_at=100)
+    # both jobs ended; the other watchdog stood down for us: we stop
+    assert wd.decide(s, st, obs(200, exit_code=0), [P("process", watchdog="stood-down")]).reason == "job-ended"
+    # stale or dead watchdogs and ended jobs are simply not peers (scan_peers drops them): we stop
+    assert wd.pod_owner([P("process")], "job-ended") is None
+
+
+def test_rearming_waits_the_handover_grace_from_the_last_holder(tmp_path):
+    s = settings(tmp_path, idle_minutes=0, max_runtime_hours=0, handover_grace_s=120)
+    st = wd.State(pod_id="pod1", started_at=0, job_ended_at=100, stood_down_for="process", owner_seen_at=1000)
+    d = wd.decide(s, st, obs(1030, exit_code=0), [])  # between two stages of a `fab train`
+    assert not d.stop and d.reason == "re-arming" and d.owner == "process" and "stopping in 90 s" in d.detail
+    assert wd.decide(s, st, obs(1120, exit_code=0), []).reason == "job-ended"
+    # the grace never delays money or time
+    s2 = settings(tmp_path, idle_minutes=0, max_runtime_hours=1, handover_grace_s=120)
+    assert wd.decide(s2, st, obs(1030, exit_code=0, uptime=3600), []).reason == "max-runtime"
+    # and a job of our own that runs again is just watched
+    assert wd.decide(s, st, obs(1030, exit_code=None), []).reason == "ok"
+
+
+def test_scan_peers_reads_the_jobs_folder(tmp_path):
+    """Our own job never counts; another pod's, a stale or a killed watchdog, an expired claim do not either."""
+    import subprocess
+    import sys
+
+    jobs_dir = tmp_path / "jobs"
+    now = time.time()
+
+    def state(job, **kw):
+        (jobs_dir / job).mkdir(parents=True)
+        base = dict(pod_id="pod1", started_at=now - 100, heartbeat=now - 5, poll_s=30, worker_pid=os.getpid())
+        base.update(kw)
+        wd.State(**base).save(jobs_dir / job / wd.STATE_FILE)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state("train")  # ours: live, its job "running" (no exit_code) - still never a peer
+    state("serve", stood_down_for="train", stood_down_detail="stood down (idle): ...")
+    state("process", pod_id="another-pod")
+    state("weights", heartbeat=now - 3 * 30 - 61)
+    state("infer", worker_pid=dead.pid)
+    state("custom")  # a live watchdog on a job of any name
+    wd.atomic_write(jobs_dir / ".claim.train.json", json.dumps({"task": "train", "pod_id": "pod1", "expires_at": now + 60}))
+    wd.atomic_write(jobs_dir / ".claim.serve.json", json.dumps({"task": "serve", "pod_id": "pod1", "expires_at": now - 1}))
+    # another stack's pod on the same network volume (the same jobs/ folder)
+    wd.atomic_write(jobs_dir / ".claim.infer.json", json.dumps({"task": "infer", "pod_id": "pod2", "expires_at": now + 60}))
+    (jobs_dir / ".claim.broken.json").write_text("{")
+    (jobs_dir / "tmux.sock").write_text("")  # no tmux server behind it: nothing runs
+    peers = wd.scan_peers(jobs_dir / "train", "pod1", now=now)
+    assert peers == [P("train", claim=True), P("custom", watchdog="live"), P("serve", watchdog="stood-down")]
+    assert wd.pod_owner(peers, "job-ended").name == "custom"
+    # a live watchdog whose job has ended still holds the pod (it lingers for a fetch)
+    (jobs_dir / "custom" / "exit_code").write_text("0\n")
+    assert P("custom", watchdog="live") in wd.scan_peers(jobs_dir / "train", "pod1", now=now)
+    # a busy job whose tmux session is gone without an exit_code (lost with a container) runs no more
+    (jobs_dir / "process" / "job.json").write_text(json.dumps({"name": "process", "session": "us-process"}))
+    assert "process" not in [p.name for p in wd.scan_peers(jobs_dir / "train", "pod1", now=now)]
+    # no jobs folder at all: no peers, no error
+    assert wd.scan_peers(tmp_path / "nowhere" / "train", "pod1") == []
+
+
+def test_health_says_when_a_watchdog_stood_down():
+    now = time.time()
+    st = wd.State(pod_id="p", started_at=0, heartbeat=now, last_check=now, poll_s=30, stood_down_for="train",
+                  stood_down_detail="stood down (job-ended): job train now runs on this pod and its watchdog owns the pod")
+    h = wd.health(json.dumps(st.__dict__), now=now + 10)
+    assert h.running and h.outcome == "stood-down"
+    assert h.message == ("watchdog stood down (job-ended): job train now runs on this pod and its watchdog owns the "
+                         "pod; it still stops the pod for budget or max runtime")
+    h = wd.health(json.dumps(st.__dict__), now=now + 3 * 30 + 61)  # ...and when it died meanwhile
+    assert not h.running and "NOT RUNNING" in h.message
+
+
+def test_a_running_job_whose_watchdog_stood_down_still_holds_against_job_end(tmp_path):
+    s = settings(tmp_path, idle_minutes=0, max_runtime_hours=0)
+    st = wd.State(pod_id="pod1", started_at=0, job_ended_at=100)
+    d = wd.decide(s, st, obs(200, exit_code=0), [P("serve", running=True, watchdog="stood-down")])
+    assert d.reason == "stood-down" and "its watchdog stood down too" in d.detail

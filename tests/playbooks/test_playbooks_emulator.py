@@ -166,6 +166,7 @@ def test_playbooks_setup_sync_status_teardown(world, tmp_path):
     assert "watchdog on 'weights'" in r.stderr and "stopping the pod again" not in r.stderr, r.stderr
     assert (ws / "ckpt" / "ultrashape_v1.pt").read_bytes() == w.read_bytes()
     assert json.loads((ws / "jobs" / "weights" / "watchdog.json").read_text())["settings"]["idle_minutes"] == 0
+    assert not list((ws / "jobs").glob(".claim.*"))  # the task's claim on the pod went with the hand-over
     wait_for(lambda: emu.pod(pod_id).status == "EXITED", 150, "the weights watchdog to stop the pod", interval=1)
 
 
@@ -233,6 +234,7 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
             timeout=600)
     assert (ws / "data" / "output" / "data_list" / "train.json").is_file()  # synced and processed on the pod
     assert "watchdog on 'train'" in r.stderr, r.stderr  # started beside the GPU job
+    assert not list((ws / "jobs").glob(".claim.*"))  # `fab train` held the pod with a claim until then
     assert (ws / "jobs" / "train" / "run.sh").is_file()
 
     # Follow, then drop the connection under it: the follower reattaches and loses nothing.

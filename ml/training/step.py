@@ -94,11 +94,13 @@ class TrainModels:
         if count_flops:
             from torch.utils.flop_counter import FlopCounterMode
 
+            # Counted in eager: dynamo cannot trace under a dispatch mode, and a compiled block (model.compile) first
+            # called under FlopCounterMode would be marked "skip" and stay eager for the whole run.
             enc_fc = FlopCounterMode(display=False)
-            with enc_fc:
+            with torch.compiler.set_stance("force_eager"), enc_fc:
                 x1, vidx, cond, cond_mask = self._inputs(batch, train, gen)
             dit_fc = FlopCounterMode(display=False)
-            with dit_fc:
+            with torch.compiler.set_stance("force_eager"), dit_fc:
                 loss = self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
             self.flops = {"encoders": float(enc_fc.get_total_flops()), "dit_forward": float(dit_fc.get_total_flops()),
                           "samples": float(x1.shape[0])}

@@ -265,3 +265,26 @@ def test_zero0_clipping_is_ours_and_exact():
     p = subprocess.run([sys.executable, "-c", CLIP_SCRIPT, str(TINY)], capture_output=True, text=True, timeout=300,
                        cwd=ROOT, env=env())
     assert p.returncode == 0 and "CLIP OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_flop_counting_step_leaves_the_blocks_compiled(cfg, tmp_path):
+    """ml.training counts FLOPs on its first micro-batch (TrainModels.loss(count_flops=True)). Under FlopCounterMode
+    dynamo would mark the compiled blocks 'skip' for good and the run would train in eager with model.compile on
+    (seen on the H100: no speed-up and no Triton kernel in the step's profile)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ml.training.engine import compile_blocks
+
+    tm, batch = _cached_models_and_batch(cfg, tmp_path)
+    batch["image"] = torch.rand(1, 3, 112, 112) * 2 - 1
+    batch["mask"] = torch.ones(1, 1, 112, 112)
+    compile_blocks(tm.dit)
+    torch._dynamo.reset()
+    counters.clear()
+    tm.loss(tm.dit, batch, train=True, count_flops=True).backward()
+    assert tm.train_flops_per_sample() > 0
+    assert counters["stats"]["unique_graphs"] == 0  # counted in eager
+    tm.loss(tm.dit, batch, train=True).backward()
+    assert counters["stats"]["unique_graphs"] > 0, "the blocks did not compile after the counted step"

@@ -5,7 +5,7 @@
 
 Prints (and writes as JSON):
   1. DiT step time at 32,768 tokens with classifier-free guidance (batch 2 = cond + uncond), per
-     attention backend, with and without torch.compile of the q/k-norm + RoPE, and the achieved
+     attention backend, with and without torch.compile of every block (refine.compile), and the achieved
      TFLOP/s against the step's FLOP count (the floor: ~0.64 PFLOP a step, 57 % of it attention).
   2. End-to-end refine latency (50 steps, octree 1024) through ml.refine.RefinePipeline, split into
      inputs / conditioning / sampling / decoding / export.
@@ -429,7 +429,7 @@ def main() -> None:
     # ---------------------------------------------------------------- 4. compile (exact)
     if "compile" in parts and dev.type == "cuda" and time.perf_counter() - t_start < args.budget_s:
         a = time.perf_counter()
-        models.dit.compile_kernels()
+        models.dit.compile_blocks()  # what refine.compile: true does
         with best_ctx():
             with torch.no_grad():
                 models.dit(x, tt, ctx, vox2)

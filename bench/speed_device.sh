@@ -61,4 +61,16 @@ call3)  # card 0: does compiling the blocks pay, alone and inside the full step 
   cat "$OUT"/ts_*.log "$OUT"/pd_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log "$OUT"/pd_*.log
   ls "$OUT"
   ;;
+call4)  # after the FLOP-counting fix: compiled blocks inside the full step; refine DiT step compiled
+  (ts 0 grouped-compile --compile blocks --steps 8 --warmup 4 --profile "$OUT"
+   ts 0 grouped-compile-latentcache --compile blocks --latent-cache --steps 8 --warmup 4) > "$OUT/card0.log" 2>&1 &
+  ts 1 grouped-compile-ackpt10 --compile blocks --act-ckpt 10 --steps 6 --warmup 4
+  ts 1 bf16-z1-compile --compile blocks --zero 1 --set deepspeed.precision=bf16 --steps 6 --warmup 4
+  CUDA_VISIBLE_DEVICES=1 timeout 240 python3 bench/refine.py --parts dit,compile --out "$OUT/refine.json" > "$OUT/refine.log" 2>&1
+  grep "DiT step\|Error" "$OUT/refine.log"
+  wait
+  cat "$OUT/card0.log"
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ls "$OUT"
+  ;;
 esac

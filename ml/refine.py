@@ -70,7 +70,7 @@ class RefineSettings:
     # cache_interval steps, in between only the first and last cache_depth blocks on the kept deep state
     cache_interval: int = 1
     cache_depth: int = 2  # blocks run fresh at each end of a cached step: 1..dit.depth//2 (~2*cache_depth/21 of a call)
-    compile: bool = False  # torch.compile the DiT's q/k-norm + RoPE (CUDA only; ~30 s first call)
+    compile: bool = False  # torch.compile each DiT block (fuses norms, RoPE, residuals; CUDA only; ~1 min first call)
     flashvdm: bool = True  # official default: decode attending to the top third of latent tokens per chunk
 
     def __post_init__(self):
@@ -312,7 +312,7 @@ class RefinePipeline:
         for m in models.parts().values():
             m.eval().requires_grad_(False)
         if config.refine.compile and self.device.type == "cuda":
-            models.dit.compile_kernels()
+            models.dit.compile_blocks()
         self.timings: dict[str, float] = {}
         self.last: dict[str, torch.Tensor] = {}
 

@@ -408,6 +408,32 @@ class DiTBlock(nn.Module):
         return x + (self.moe(h) if self.use_moe else self.mlp(h))
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block of `model` (regional compilation): the blocks share one code object,
+    so the compiler traces a few graphs (dense / long-skip / MoE, train / eval) instead of one per block, and
+    fuses the memory-bound work between the matmuls and attention kernels (LayerNorm and its bf16 cast,
+    residual adds, GELU, q/k norm + RoPE, the MoE gating). Numbers stay those of eager up to float rounding.
+    Call before enable_activation_checkpointing (which then recomputes the compiled block) and before
+    DeepSpeed wraps the model. Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    # 21 block instances x (train, eval, CFG-dropped) variants: keep them all compiled, never fall back to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    n, found = 0, False
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
+            found = True
+            for blk in mod:
+                if getattr(blk, "_compiled", False):
+                    continue
+                blk.forward = torch.compile(blk.forward, dynamic=False)
+                blk._compiled = True
+                n += 1
+    if not found:
+        raise RuntimeError("compile_blocks: found no '*blocks' ModuleList in the model")
+    return n
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[sin | cos] features, frequencies exp(-ln(max_period) * i / (dim/2)). t (B,) in [0, 1]."""
     half = dim // 2
@@ -583,6 +609,12 @@ class RefineDiT(nn.Module):
         fused = torch.compile(_norm_rope, dynamic=False)
         for b in self.blocks:
             b.attn1.norm_rope = fused
+        return self
+
+    def compile_blocks(self) -> "RefineDiT":
+        """torch.compile every block (see compile_blocks): what `model.compile` (training) and `refine.compile`
+        (inference) switch on."""
+        compile_blocks(self)
         return self
 
     def moe_aux_loss(self) -> torch.Tensor | None:

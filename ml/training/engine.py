@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ml.models.dit import compile_blocks  # noqa: F401  (model.compile; shared with ml.refine's refine.compile)
 from ml.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -165,33 +166,6 @@ def clip_gradients(engine, cfg: TrainConfig) -> torch.Tensor | None:
     if cfg.optim.grad_clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
     return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-
-
-# ----------------------------------------------------------------------------- compilation
-def compile_blocks(model: nn.Module) -> int:
-    """torch.compile each transformer block of `model` (regional compilation): the blocks share one code object,
-    so the compiler traces a few graphs (dense / long-skip / MoE, train / eval) instead of one per block, and
-    fuses the memory-bound work between the matmuls and attention kernels (LayerNorm and its bf16 cast,
-    residual adds, GELU, q/k norm + RoPE, the MoE gating). Numbers stay those of eager up to float rounding.
-    Call before enable_activation_checkpointing (which then recomputes the compiled block) and before
-    DeepSpeed wraps the model. Returns the number of blocks compiled."""
-    import torch._dynamo
-
-    # 21 block instances x (train, eval, CFG-dropped) variants: keep them all compiled, never fall back to eager
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    n, found = 0, False
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
-            found = True
-            for blk in mod:
-                if getattr(blk, "_compiled", False):
-                    continue
-                blk.forward = torch.compile(blk.forward, dynamic=False)
-                blk._compiled = True
-                n += 1
-    if not found:
-        raise RuntimeError("model.compile: found no '*blocks' ModuleList in the model")
-    return n
 
 
 # ----------------------------------------------------------------------------- activation checkpointing

@@ -172,16 +172,12 @@ def main(argv=None) -> int:
             if count:
                 from torch.utils.flop_counter import FlopCounterMode
 
-                # in eager, as ml.training does: a compiled block first called under FlopCounterMode stays eager
                 fc_enc = FlopCounterMode(display=False)
-                with torch.compiler.set_stance("force_eager"), fc_enc:
+                with fc_enc:
                     tm._inputs(batch, train=False, gen=None)
-                fc = FlopCounterMode(display=False)
-                with torch.compiler.set_stance("force_eager"), fc:
-                    loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
-                enc_flops, dit_fwd_flops = fc_enc.get_total_flops(), fc.get_total_flops()
-            else:
-                loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
+                enc_flops = fc_enc.get_total_flops()
+                dit_fwd_flops = tm.count_dit_flops(engine, x1, vidx, cond, cond_mask, None)  # as ml.training counts
+            loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
             e2 = ev()
             engine.backward(loss)
             e3 = ev()

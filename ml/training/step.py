@@ -94,19 +94,32 @@ class TrainModels:
         if count_flops:
             from torch.utils.flop_counter import FlopCounterMode
 
-            # Counted in eager: dynamo cannot trace under a dispatch mode, and a compiled block (model.compile) first
-            # called under FlopCounterMode would be marked "skip" and stay eager for the whole run.
             enc_fc = FlopCounterMode(display=False)
-            with torch.compiler.set_stance("force_eager"), enc_fc:
+            with enc_fc:
                 x1, vidx, cond, cond_mask = self._inputs(batch, train, gen)
-            dit_fc = FlopCounterMode(display=False)
-            with torch.compiler.set_stance("force_eager"), dit_fc:
-                loss = self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
-            self.flops = {"encoders": float(enc_fc.get_total_flops()), "dit_forward": float(dit_fc.get_total_flops()),
+            self.flops = {"encoders": float(enc_fc.get_total_flops()),
+                          "dit_forward": self.count_dit_flops(engine, x1, vidx, cond, cond_mask, gen),
                           "samples": float(x1.shape[0])}
-            return loss
+            return self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
         x1, vidx, cond, cond_mask = self._inputs(batch, train, gen)
         return self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
+
+    def count_dit_flops(self, engine, x1, vidx, cond, cond_mask, gen) -> float:
+        """FLOPs of one DiT forward, counted on a throwaway forward that leaves no trace: no autograd, eager, and
+        every random state it draws from put back. Not the training forward itself: dynamo cannot trace under
+        FlopCounterMode's dispatch mode and would mark compiled blocks (model.compile) 'skip' for the whole run,
+        and an eager forward under activation checkpointing would be recomputed compiled (a different set of
+        saved tensors). Without autograd the MoE experts also run as plain matmuls, which the counter sees."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        fc = FlopCounterMode(display=False)
+        saved = gen.get_state() if gen is not None else None
+        devices = [x1.device] if x1.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"), fc:
+            self._dit_loss(engine, x1, vidx, cond, cond_mask, gen)
+        if gen is not None:
+            gen.set_state(saved)
+        return float(fc.get_total_flops())
 
     def _inputs(self, batch, train, gen):
         x1, vidx = self.encode(batch, gen)

@@ -208,6 +208,8 @@ def main() -> None:
     ap.add_argument("--parts", default="dit,e2e,variants,compile",
                     help="which parts to run: dit, e2e, e2efast (the fast preset end to end, then plain again warm), "
                          "variants, decode (decoding alone, flashvdm on/off), compile")
+    ap.add_argument("--compile", action="store_true",
+                    help="refine.compile: compile every DiT block before parts 2 and 3 (part 1 then times it too)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     specs = [s for s in args.variants.split(",") if s]
@@ -274,6 +276,13 @@ def main() -> None:
         return med
 
     parts = set(args.parts.split(","))
+    if args.compile:
+        cfg.refine.compile = True
+        models.dit.compile_blocks()
+        with torch.no_grad():
+            models.dit(x, tt, ctx, vox2)  # compile now, not inside the first timed call
+            models.dit(x[:1], tt[:1], ctx[:1], vox2[:1])  # and the conditional-only shape
+        res["compiled"] = True
     steps_t = {}
     for name, be in (backends.items() if "dit" in parts else []):
         try:

@@ -73,4 +73,15 @@ call4)  # after the FLOP-counting fix: compiled blocks inside the full step; ref
   cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
   ls "$OUT"
   ;;
+call5)  # final figures: the step as configured (compile, grouped MoE) with and without recompute; refine compiled
+  (ts 0 final-compile --compile blocks --steps 8 --warmup 4
+   ts 0 final-compile-ackpt10 --compile blocks --act-ckpt 10 --steps 6 --warmup 4) > "$OUT/card0.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 420 python3 bench/refine.py --compile --parts dit,e2e,e2efast --budget-s 400 \
+    --out "$OUT/refine.json" > "$OUT/refine.log" 2>&1
+  grep "DiT step\|end to end\|Error" "$OUT/refine.log"
+  wait
+  cat "$OUT/card0.log"
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ls "$OUT"
+  ;;
 esac

@@ -426,7 +426,10 @@ def compile_blocks(model: nn.Module) -> int:
             for blk in mod:
                 if getattr(blk, "_compiled", False):
                     continue
-                blk.forward = torch.compile(blk.forward, dynamic=False)
+                # dynamic=None (automatic): specialised to the first token count; the first call with another
+                # (a shape with fewer occupied voxels than num_latents) recompiles once with a symbolic length
+                # that later counts reuse, instead of one compile (~1 min at full size) per count
+                blk.forward = torch.compile(blk.forward)
                 blk._compiled = True
                 n += 1
     if not found:

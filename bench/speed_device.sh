@@ -84,4 +84,10 @@ call5)  # final figures: the step as configured (compile, grouped MoE) with and 
   cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
   ls "$OUT"
   ;;
+call6)  # compiled blocks under DeepSpeed ZeRO-2 on both cards (the multi-GPU path with model.compile on)
+  timeout 300 python3 -m deepspeed.launcher.runner --num_gpus 2 bench/train_step.py --json "$OUT/steps.jsonl" \
+    --steps 6 --warmup 4 --zero 2 --compile blocks --set deepspeed.precision=bf16 --label 2gpu-bf16-zero2-compile \
+    > "$OUT/multi.log" 2>&1
+  grep -h '^\[2gpu' "$OUT/multi.log" || grep -h "Error" "$OUT/multi.log" | tail -5
+  ;;
 esac

@@ -498,6 +498,18 @@ class RefineDiT(nn.Module):
         N tokens (RoPE positions); cond_mask (B, S) bool, True = real image token (None: all real).
         Returns (B, N, in_channels).
         """
+        h, cond, cond_mask, cos, sin, live = self._step_inputs(x, t, cond, voxel_idx, cond_mask)
+        skips = []
+        half = self.cfg.depth // 2
+        for i, block in enumerate(self.blocks):
+            h = block(h, cond, cond_mask, cos, sin, skip=skips.pop() if i > half else None, live=live)
+            if i < half:
+                skips.append(h)
+        return self.final_layer(h)
+
+    def _step_inputs(self, x, t, cond, voxel_idx, cond_mask):
+        """What forward() and forward_cached() do before the blocks: (tokens h (B, 1+N, C), cond, cond_mask, cos,
+        sin, live)."""
         B, N, _ = x.shape
         if voxel_idx.shape[:2] != (B, N):
             raise ValueError(f"voxel_idx has shape {tuple(voxel_idx.shape)}; expected ({B}, {N}, 3), one index per latent token")
@@ -514,36 +526,6 @@ class RefineDiT(nn.Module):
             pad = (cond == -1).all(dim=-1)
             cond_mask = ~pad if bool(pad.any()) else None
         # rows with an all-zero context (unconditional branch): their cross-attention is a constant
-        live = None
-        if self.skip_zero_context:
-            zero = (cond == 0).flatten(1).all(dim=1)
-            live = (~zero).nonzero().squeeze(1) if bool(zero.any()) else None
-        skips = []
-        half = self.cfg.depth // 2
-        for i, block in enumerate(self.blocks):
-            h = block(h, cond, cond_mask, cos, sin, skip=skips.pop() if i > half else None, live=live)
-            if i < half:
-                skips.append(h)
-        return self.final_layer(h)
-
-    def _step_inputs(self, x, t, cond, voxel_idx, cond_mask):
-        """forward()'s preparation, for forward_cached: (tokens h (B, 1+N, C), cond, cond_mask, cos, sin, live).
-        The same operations as in forward() (kept there as written so its numbers never move);
-        tests/ml/models/test_models_deep_cache.py checks that forward_cached's full call equals forward() bit
-        for bit, which catches the two drifting apart."""
-        B, N, _ = x.shape
-        if voxel_idx.shape[:2] != (B, N):
-            raise ValueError(f"voxel_idx has shape {tuple(voxel_idx.shape)}; expected ({B}, {N}, 3), one index per latent token")
-        if t.ndim == 0:
-            t = t.expand(B)
-        h = torch.cat([self.t_embedder(t), self.x_embedder(x)], dim=1)  # (B, 1+N, C)
-        dev = h.device.type
-        qk_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.x_embedder.weight.dtype
-        cos, sin = rope_tables(voxel_idx, self.cfg.head_dim, self.cfg.rope_theta, qk_dtype)
-        cond = cond.to(h.dtype)
-        if cond_mask is None:
-            pad = (cond == -1).all(dim=-1)
-            cond_mask = ~pad if bool(pad.any()) else None
         live = None
         if self.skip_zero_context:
             zero = (cond == 0).flatten(1).all(dim=1)

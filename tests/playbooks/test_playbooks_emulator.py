@@ -249,7 +249,7 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
             m.kill()
         wait_for(lambda: len(metrics_steps(ws)) >= 2 and ssh_masters(world), 60, "a new SSH master (reattach)")
         follower.send_signal(signal.SIGINT)  # Ctrl-C: detach, training goes on
-        out, err = follower.communicate(timeout=30)
+        out, err = follower.communicate(timeout=120)  # generous: a loaded 2-core run once took > 30 s here
     finally:
         if follower.poll() is None:
             follower.kill()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import select
 import shlex
 import subprocess
 import sys
@@ -224,8 +226,14 @@ def follow(
             # Its own session: Ctrl-C reaches only us, so it reads as "detach", never as a dropped connection.
             proc = target.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
             assert proc.stdout is not None
+            fd = proc.stdout.fileno()
             while True:
-                chunk = proc.stdout.read1(65536)
+                # Wait at most 0.5 s at a time, never in one blocking read: a process-directed Ctrl-C may be taken
+                # by another (native) thread, and a main thread asleep in read() on a quiet log would then not see
+                # it until the next byte came (seen in CI: Ctrl-C ignored for minutes). Here it is seen within 0.5 s.
+                if not select.select([fd], [], [], 0.5)[0]:
+                    continue
+                chunk = os.read(fd, 65536)
                 if not chunk:
                     break
                 offset += len(chunk)

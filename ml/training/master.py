@@ -23,7 +23,7 @@ weight decay applies) unless no parameter of its group got a gradient, in which 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -71,7 +71,7 @@ if triton is not None:
 class _FlatGroup:
     """The flat buffers of one param group and where each parameter lives in them."""
 
-    def __init__(self, params: list[nn.Parameter], grad_dtype: torch.dtype) -> None:
+    def __init__(self, params: list[nn.Parameter], grad_dtype: torch.dtype, device: torch.device) -> None:
         self.params = params
         self.shapes = [tuple(p.shape) for p in params]
         self.offsets: list[int] = []
@@ -80,13 +80,14 @@ class _FlatGroup:
             self.offsets.append(n)
             n += p.numel()
         self.numel = n
-        device = params[0].device
         # The bf16 weights become views of one buffer so the kernel writes them all in its single pass.
         self.param_flat = torch.empty(n, dtype=torch.bfloat16, device=device)
         for p, off in zip(params, self.offsets):
             view = self.param_flat[off:off + p.numel()]
             view.copy_(p.detach().reshape(-1))
             p.data = view.view(p.shape)  # the nn.Parameter object (and its requires_grad) stays the same
+        # where each weight must stay: checked every step (~0.1 ms per 1000 params on the host)
+        self.ptrs = [p.data_ptr() for p in params]
         # bf16 -> fp32 is exact, so the masters start equal to the weights
         self.master = self.param_flat.float()
         self.exp_avg = torch.zeros_like(self.master)
@@ -102,6 +103,15 @@ class _FlatGroup:
 
     def master_view(self, i: int) -> torch.Tensor:
         return self.master[self.offsets[i]:self.offsets[i] + self.params[i].numel()].view(self.shapes[i])
+
+    def check_views(self) -> None:
+        """Raise if a parameter no longer lives in the flat buffer (the update would not reach the model)."""
+        for i, (p, ptr) in enumerate(zip(self.params, self.ptrs)):
+            if p.data_ptr() != ptr or p.dtype != torch.bfloat16:
+                raise RuntimeError(f"MasterAdamW: parameter {i} (shape {self.shapes[i]}) was replaced after the "
+                                   f"optimizer was built (it is now {p.dtype} on {p.device}, not a view of the flat "
+                                   "bf16 buffer): move and cast the model (.to(device, torch.bfloat16)) before "
+                                   "building MasterAdamW, or the optimizer's updates would not reach it")
 
     def fill_missing(self) -> None:
         """Zero the slices of parameters that got no gradient since the last zero, so none holds a stale one."""
@@ -143,7 +153,7 @@ class MasterAdamW(torch.optim.Optimizer):
         self._divisor = 1
         self._one = torch.ones((), dtype=torch.float32, device=self.device)
         for group in self.param_groups:
-            self._flat.append(_FlatGroup(group["params"], grad_dtype))
+            self._flat.append(_FlatGroup(group["params"], grad_dtype, self.device))
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(flat, i))
                        for flat in self._flat for i, p in enumerate(flat.params)]
         self._built = True
@@ -163,17 +173,18 @@ class MasterAdamW(torch.optim.Optimizer):
                                  f".to(torch.bfloat16) before building the optimizer, and pass only trainable params")
         super().add_param_group(param_group)
 
-    def _make_hook(self, flat: _FlatGroup, i: int):
+    def _make_hook(self, flat: _FlatGroup, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
             g = p.grad
             if g is None:
                 return
             dst = flat.grad_slice(i).view(flat.shapes[i])
-            if i in flat.seen:
-                dst.add_(g)
-            else:
-                dst.copy_(g)
-                flat.seen.add(i)
+            with torch.no_grad():  # even under create_graph the buffer must not join the graph
+                if i in flat.seen:
+                    dst.add_(g)
+                else:
+                    dst.copy_(g)
+                    flat.seen.add(i)
             # the flat buffer is the only copy: no per-parameter gradient memory stays alive
             p.grad = None
         return hook
@@ -229,7 +240,9 @@ class MasterAdamW(torch.optim.Optimizer):
             scale = self.grad_scale.reshape(()).to(torch.float32)
         for group, flat in zip(self.param_groups, self._flat):
             if not flat.seen:
-                continue  # no gradient in this group since the last zero: torch's AdamW skips it too
+                continue  # no gradient in this group since the last zero (or no params): torch's AdamW skips it too
+            # Module.to()/.float() after construction replaces p.data: the update would silently miss the model
+            flat.check_views()
             flat.fill_missing()
             flat.step += 1
             lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -249,6 +262,15 @@ class MasterAdamW(torch.optim.Optimizer):
     def master_params(self) -> list[torch.Tensor]:
         """fp32 views of the master weights, one per parameter in param-group order, shaped like the parameter."""
         return [flat.master_view(i) for flat in self._flat for i in range(len(flat.params))]
+
+    @torch.no_grad()
+    def sync_masters(self) -> None:
+        """Set the masters from the current bf16 weights, for weights written into the module after construction
+        without this optimizer's state (DeepSpeed's broadcast from rank 0 at initialize, a weights-only load).
+        The masters' low bits are lost: after a full checkpoint use load_state_dict instead."""
+        for flat in self._flat:
+            flat.check_views()
+            flat.master.copy_(flat.param_flat)
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters as torch's (params as indices) plus the flat fp32 state per group. The tensors are the
@@ -289,6 +311,7 @@ class MasterAdamW(torch.optim.Optimizer):
                     raise ValueError(f"MasterAdamW.load_state_dict: param group {gi} '{key}' is {t.dtype} with "
                                      f"{t.numel()} elements, expected float32 with {flat.numel}")
         for gi, (saved, flat, group) in enumerate(zip(flats, self._flat, self.param_groups)):
+            flat.check_views()
             flat.master.copy_(saved["master"])
             flat.exp_avg.copy_(saved["exp_avg"])
             flat.exp_avg_sq.copy_(saved["exp_avg_sq"])

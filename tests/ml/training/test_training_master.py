@@ -230,6 +230,15 @@ def test_state_dict_round_trip_is_bit_exact(tmp_path):
         opt2.load_state_dict(torch.optim.AdamW(_model(dtype=torch.float32).parameters()).state_dict())
 
 
+def test_an_empty_group_is_skipped():
+    model = _model()
+    opt = MasterAdamW([{"params": list(model.parameters())}, {"params": [], "weight_decay": 0.0}], lr=1e-2)
+    grads = _backward(model, seed=1)
+    torch.testing.assert_close(opt.grad_norm(), _norm(grads), rtol=1e-6, atol=0)
+    opt.step()
+    assert [f["step"] for f in opt.state_dict()["flat"]] == [1, 0]
+
+
 def test_only_bf16_trainable_params_are_accepted():
     with pytest.raises(ValueError, match=r"torch.float32.*bf16 weights"):
         MasterAdamW(_model(dtype=torch.float32).parameters())
@@ -256,6 +265,23 @@ def test_params_become_views_of_one_buffer_and_compile_sees_updates():
     opt.step()
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))  # the compiled module reads the updated weights in place
+
+
+def test_sync_masters_after_a_weights_only_load_and_replaced_params_are_caught():
+    model = _model()
+    opt = MasterAdamW(_groups(model), lr=1e-2)
+    model.load_state_dict(_model(seed=7).state_dict())  # in place: the params stay views of the flat buffer
+    assert not torch.equal(opt.master_params()[0], _params(model)[0].float())
+    opt.sync_masters()
+    assert all(torch.equal(m, p.float()) for m, p in zip(opt.master_params(), _params(model)))
+
+    model.to("cpu")  # what deepspeed.initialize does: already there, so the params stay views
+    _loss(model, 0).backward()
+    opt.step()
+    model.float()  # replaces every p.data: the optimizer's writes would no longer reach the model
+    _loss(model, 0).backward()
+    with pytest.raises(RuntimeError, match="was replaced after the optimizer was built"):
+        opt.step()
 
 
 def _free_port() -> int:
@@ -332,6 +358,22 @@ def test_triton_kernel_matches_the_torch_fallback(grad_dtype):
             sched.step()
     for a, b in zip(gpu[1].master_params(), cpu[1].master_params()):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(gpu[0], cpu[0]):
+    for a, m, b in zip(gpu[0], gpu[1].master_params(), cpu[0]):
+        assert torch.equal(a, m.to(torch.bfloat16))  # the kernel rounds to nearest even, as torch's copy_ does
         # at most one bf16 ulp apart where the fp32 masters straddle a rounding boundary
         torch.testing.assert_close(a.detach().cpu().float(), b.detach().float(), rtol=8e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernel_reaches_past_2_to_the_31_elements():
+    pytest.importorskip("triton")
+    # the 3 B-parameter DiT's decayed group is larger than int32 offsets reach (~47 GB of GPU memory here)
+    p = nn.Parameter(torch.zeros(2**31 + 5, dtype=torch.bfloat16, device="cuda"))
+    opt = MasterAdamW([p], lr=1e-3)
+    p.sum().backward()  # gradient 1 everywhere: Adam's first step moves every weight by -lr
+    opt.step()
+    master = opt.master_params()[0]
+    assert torch.allclose(master, torch.full((), -1e-3, device="cuda"), rtol=1e-5, atol=0)
+    assert torch.equal(p[-5:], master[-5:].to(torch.bfloat16))

@@ -196,6 +196,62 @@ def ssh_masters(world) -> list:
     return out
 
 
+# How a terminal's shell starts a command typed at it: SIGINT at its default action, so that Python turns Ctrl-C into
+# KeyboardInterrupt. Not what this test process may hand down: a non-interactive shell starts what it runs with `&`
+# (`make test &` in a script, `nohup ... &`, a runner's background step) with SIGINT *ignored*, every child inherits
+# that, and a Python started with SIGINT ignored installs no handler for it - the follower's Ctrl-C below was then a
+# no-op and it never detached (the 120 s hang of 2026-11-25, seen only in the full-suite runs, which were the ones
+# started in the background).
+_SIGINT_DEFAULT_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def as_typed(argv: list[str]) -> list[str]:
+    """`argv` run as if typed at a terminal: SIGINT back to its default, then exec (same pid, so signals sent to
+    the Popen reach the command itself)."""
+    return [sys.executable, "-c", _SIGINT_DEFAULT_EXEC, *argv]
+
+
+def catches_sigint(pid: int) -> bool | None:
+    """Whether process `pid` has a handler for SIGINT (Linux /proc); None where that cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return None
+
+
+@pytest.mark.unit
+def test_playbooks_ctrl_c_reaches_a_command_typed_under_an_ignoring_runner():
+    """The launch the detach check relies on: under a parent that ignores SIGINT (pytest started in the
+    background), a plain child inherits the ignore and shrugs Ctrl-C off, one started with as_typed() gets
+    KeyboardInterrupt. (The first half is the control: it shows the second can fail.)"""
+    child = [sys.executable, "-c", "import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+             "except KeyboardInterrupt:\n    print('interrupted', flush=True)"]  # ('ready' inside the try: no race)
+    runner = (
+        "import json, signal, subprocess, sys\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `cmd &` in a non-interactive shell hands down\n"
+        "p = subprocess.Popen(json.loads(sys.argv[1]), stdout=subprocess.PIPE, text=True)\n"
+        "assert p.stdout.readline().strip() == 'ready'\n"
+        "p.send_signal(signal.SIGINT)\n"
+        "try:\n    print(p.communicate(timeout=float(sys.argv[2]))[0].strip() or 'exited')\n"
+        "except subprocess.TimeoutExpired:\n    p.kill(); p.wait(); print('ignored')\n"
+    )
+
+    def under_ignoring_runner(argv: list[str], wait_s: float) -> str:
+        r = subprocess.run([sys.executable, "-c", runner, json.dumps(argv), str(wait_s)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert under_ignoring_runner(child, 2) == "ignored"
+    assert under_ignoring_runner(as_typed(child), 30) == "interrupted"
+
+
 def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -238,8 +294,9 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
     assert (ws / "jobs" / "train" / "run.sh").is_file()
 
     # Follow, then drop the connection under it: the follower reattaches and loses nothing.
+    # Started as a user types it: the Ctrl-C below must not depend on how this pytest was started (as_typed).
     follower = subprocess.Popen(
-        [sys.executable, "-m", "fabric", "logs", "--stack", STACK, "--follow"], cwd=REPO, env=world["env"],
+        as_typed([sys.executable, "-m", "fabric", "logs", "--stack", STACK, "--follow"]), cwd=REPO, env=world["env"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -248,6 +305,8 @@ def test_playbooks_train_drop_teardown_resume_fetch(world, tmp_path):
         for m in masters:
             m.kill()
         wait_for(lambda: len(metrics_steps(ws)) >= 2 and ssh_masters(world), 60, "a new SSH master (reattach)")
+        # A follower that ignores SIGINT would wait out the 120 s below and fail obscurely: say why at once.
+        assert catches_sigint(follower.pid) is not False, "the follower ignores SIGINT: Ctrl-C cannot reach it"
         follower.send_signal(signal.SIGINT)  # Ctrl-C: detach, training goes on
         out, err = follower.communicate(timeout=120)  # generous: a loaded 2-core run once took > 30 s here
     finally:

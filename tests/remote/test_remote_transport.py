@@ -125,9 +125,18 @@ def test_remote_detached_job_survives_dropped_connection(target, tmp_path):
 
 def test_remote_job_lost_when_its_session_dies(target):
     jobs.start(target, "victim", "sleep 30")
-    target.run(f"tmux -S {target.path('jobs/tmux.sock')} kill-server")
-    assert jobs.state(target, "victim").state == "lost"
-    assert jobs.state(target, "nope").state == "absent"
+    tmux = f"tmux -S {target.path('jobs/tmux.sock')}"
+    pane = int(target.run(f"{tmux} display-message -p -t =us-victim: '#{{pane_pid}}'").stdout)
+    target.run(f"{tmux} kill-server")
+    try:
+        assert jobs.state(target, "victim").state == "lost"
+        assert jobs.state(target, "nope").state == "absent"
+    finally:
+        # The job script traps HUP, so it and its `sleep` outlive the server (which is what `lost` means on a pod
+        # whose tmux died); here they would linger 30 s past the test. The pane leads its own process group.
+        target.run(f"kill -KILL -- -{pane} 2>/dev/null; true", check=False)
+        gone = f"for i in $(seq 50); do grep -qs '^State:[[:space:]]*[^Z]' /proc/{pane}/status || exit 0; sleep 0.1; done; exit 1"
+        assert target.run(gone, check=False).ok, "the victim job outlived its test"  # (a zombie counts as gone)
 
 
 def test_remote_local_target_same_commands(tmp_path):

@@ -82,6 +82,7 @@ class TrainLoopConfig:
     max_steps: int = 20000  # optimizer steps; the cosine decays over exactly these
     micro_batch: int = 1  # samples per GPU per forward (official batch_size 1)
     grad_accum: int = 4  # micro-batches per optimizer step (official accumulate_grad_batches 4)
+    overlap_encoders: bool = True  # next micro-batch's frozen encoders on a 2nd CUDA stream beside backward/optimizer
     ckpt_every: int = 1000  # write a resumable checkpoint every N optimizer steps (and always at the end)
     keep_checkpoints: int = 2  # keep the newest N checkpoints (each holds optimizer state: ~37 GB at full size)
     val_every: int = 500  # validation loss every N optimizer steps (0: only at the end)
@@ -97,9 +98,14 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stage >= 1; the A40 switch)
     offload_param: bool = False  # ZeRO-Infinity parameter offload to CPU (stage 3 only)
     precision: Literal["bf16", "autocast", "fp32"] = "autocast"
-    # ^ bf16: DeepSpeed keeps bf16 weights and fp32 master copies inside its ZeRO optimizer;
+    # ^ bf16: bf16 weights; fp32 master copies inside DeepSpeed's ZeRO optimizer (zero_stage >= 1), or at
+    #   zero_stage 0 in ml.training.master.MasterAdamW (one-pass update, matmuls under autocast: fastest on one GPU);
     #   autocast: fp32 weights, bf16 matmuls through torch.autocast (the official Lightning "bf16-mixed"); the
     #   optimizer is a plain fused AdamW over fp32 tensors (faster on one GPU, see README); fp32: CPU runs
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    # ^ precision bf16 only: the dtype gradients are summed in over micro-batches and ranks. fp32 loses no bits but
+    #   holds a 4-byte copy of every gradient (12 GB at full size: the worst-case sample then needs recompute on an
+    #   80 GB H100); bf16 rounds each sum to 8 bits of mantissa, as DeepSpeed's and FSDP's bf16 defaults do.
     dist_backend: Optional[str] = None  # None: nccl with CUDA, gloo without
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
     reduce_bucket_size: int = 200_000_000  # elements per gradient reduction bucket

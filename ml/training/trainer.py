@@ -27,8 +27,8 @@ from ml.config import ConfigError, to_dict
 from ml.training import checkpoint as ckpt
 from ml.training.config import FROZEN_ON_RESUME, TrainConfig
 from ml.training.data import DataOrder, RefineDataset, make_loader, val_batches
-from ml.training.engine import (apply_lora, build_engine, clip_gradients, compile_blocks,
-                                enable_activation_checkpointing, init_distributed, make_graph_static)
+from ml.training.engine import (apply_lora, build_engine, compile_blocks, enable_activation_checkpointing,
+                                init_distributed, make_graph_static)
 from ml.training.logs import RunLogger, peak_tflops, plot_loss_curve
 
 log = logging.getLogger("ml.training")
@@ -221,8 +221,13 @@ class Trainer:
             signal.signal(s, self._on_signal)
         eng = self.engine
         it = make_loader(self.train_ds, self.order, self.micro, cfg.data.num_workers)
+        from ml.training.step import StepRunner
+
+        runner = StepRunner(self.models, eng, cfg, draw=lambda: self._next_batch(it),
+                            snapshot=lambda: (self.micro, ckpt.rng_state()), overlap=t.overlap_encoders)
         samples_per_step = t.micro_batch * t.grad_accum * self.world
-        win_t0, win_steps, win_loss, win_n = time.time(), 0, 0.0, 0
+        win_t0, win_steps, win_n = time.time(), 0, 0
+        win_loss = torch.zeros((), device=self.device)  # summed on the GPU: no host wait per step
         last_saved = self.step if self.resume_dir else -1
         tokens_per_sample = None
         if self.resume_dir is None and self.step == 0 and t.val_every:
@@ -232,25 +237,21 @@ class Trainer:
             log.info("training %s: steps %d -> %d, %d samples/step (%d x %d accum x %d ranks)", self.run_dir, self.step,
                      t.max_steps, samples_per_step, t.micro_batch, t.grad_accum, self.world)
         while self.step < t.max_steps:
-            own_norm = None
-            for m_i in range(t.grad_accum):
-                batch = self._next_batch(it)
-                count = self.flops_per_sample is None
-                loss = self.models.loss(eng, batch, train=True, count_flops=count)
-                if count:
-                    self.flops_per_sample = self.models.train_flops_per_sample()
-                eng.backward(loss)
-                logs_next = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-                if m_i == t.grad_accum - 1:
-                    # ZeRO-0: we clip (DeepSpeed keeps no norm there); the pre-clip global norm is logged
-                    norm = clip_gradients(eng, cfg)
-                    if norm is not None and logs_next:
-                        own_norm = float(norm)
-                eng.step()
-                win_loss += float(loss.detach())
-                win_n += 1
-                if tokens_per_sample is None:
-                    tokens_per_sample = self.models.last_tokens
+            nxt = self.step + 1
+            # Draw the next step's first micro-batch during this one, unless a checkpoint, validation or the end
+            # follows it (a checkpoint must hold the data position and random states of a finished step).
+            draw_ahead = nxt < t.max_steps and nxt % t.ckpt_every != 0 and not (t.val_every and nxt % t.val_every == 0)
+            count = self.flops_per_sample is None
+            loss_sum, norm = runner.step(draw_ahead, count_flops=count)
+            if count:
+                self.flops_per_sample = self.models.train_flops_per_sample()
+            logs_next = nxt % t.log_every == 0 or nxt == t.max_steps
+            # ZeRO-0: we clip (DeepSpeed keeps no norm there); the pre-clip global norm is logged
+            own_norm = float(norm) if norm is not None and logs_next else None
+            win_loss += loss_sum
+            win_n += t.grad_accum
+            if tokens_per_sample is None:
+                tokens_per_sample = self.models.last_tokens
             self.step += 1
             self.samples_seen += samples_per_step
             if eng.global_steps != self.step:
@@ -265,7 +266,7 @@ class Trainer:
                 dt = time.time() - win_t0
                 self.elapsed += dt
                 sps = win_steps * samples_per_step / dt
-                loss_avg = _all_sum(win_loss / max(win_n, 1), self.device) / self.world
+                loss_avg = _all_sum(float(win_loss) / max(win_n, 1), self.device) / self.world
                 rec = {
                     "kind": "train", "step": self.step, "max_steps": t.max_steps, "loss": loss_avg,
                     "lr": float(eng.get_lr()[0]), "grad_norm": own_norm if own_norm is not None else _f(eng.get_global_grad_norm()),
@@ -285,11 +286,16 @@ class Trainer:
                              rec["lr"], rec["grad_norm"], sps)
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                win_t0, win_steps, win_loss, win_n = time.time(), 0, 0.0, 0
+                win_t0, win_steps, win_n = time.time(), 0, 0
+                win_loss.zero_()
 
             if stop:
                 # SIGTERM (pod stop, `kill`) or Ctrl-C: finish here with a checkpoint; --resume continues exactly
                 log.warning("signal %d: saving step %d and stopping (resume with --resume)", stop, self.step)
+                ahead = runner.rewind()  # the micro-batch drawn for the next step: not used, so not consumed
+                if ahead is not None:
+                    self.micro, rng = ahead
+                    ckpt.set_rng_state(rng)
                 if last_saved != self.step:
                     self.save()
                 self.logger.close()
@@ -326,17 +332,18 @@ class Trainer:
         signal; a second one (gathering the new uids) only in a step where some rank found a new broken uid."""
         new = sorted({b["uid"] for b in self.broken} - self.broken_uids.uids)
         self.broken.clear()
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            # one rank: nothing to agree on, and no GPU round trip (it would make the host wait for the step)
+            if new:
+                self.broken_uids.add(new)
+            return int(self._signal)
         t = torch.tensor([float(len(new)), float(self._signal)], dtype=torch.float64, device=self.device)
-        multi = dist.is_initialized() and dist.get_world_size() > 1
-        if multi:
-            dist.all_reduce(t)
+        dist.all_reduce(t)
         if float(t[0]) > 0:
             # every rank takes this branch (the sum is the same everywhere), so the gather is collective
-            if multi:
-                parts: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-                dist.all_gather_object(parts, new)
-                new = [u for p in parts for u in p]
-            self.broken_uids.add(new)
+            parts: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, new)
+            self.broken_uids.add([u for p in parts for u in p])
         if float(t[1]) > 0:  # this rank's signal, or another rank's (then say SIGTERM)
             return int(self._signal or signal.SIGTERM)
         return 0

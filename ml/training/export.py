@@ -38,8 +38,15 @@ def gather_full_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.T
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: dict[str, torch.Tensor] = {}
+    opt = engine.optimizer
+    masters = {}
+    if hasattr(opt, "master_params"):  # MasterAdamW (precision bf16, ZeRO-0): the module holds bf16 copies
+        order = [p for g in opt.param_groups for p in g["params"]]
+        masters = {id(p): m for p, m in zip(order, opt.master_params())}
     for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        full = masters.get(id(p))
+        if full is None and p.requires_grad:
+            full = safe_get_full_fp32_param(p)
         if full is None:
             if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):

@@ -204,11 +204,14 @@ class MasterAdamW(torch.optim.Optimizer):
         """Global L2 norm of the (averaged, unscaled by grad_scale) gradients, a 0-d float32 tensor; 0 if none."""
         if not self._any_grad():
             return torch.zeros((), dtype=torch.float32, device=self.device)
-        norms = []
+        views = []
         for flat in self._flat:
             flat.fill_missing()
-            norms.append(torch.linalg.vector_norm(flat.grad, dtype=torch.float32))
-        total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+            views += [flat.grad_slice(i) for i in range(len(flat.params))]
+        # fp32 accumulation straight from the bf16 buffer: vector_norm(dtype=float32) would first write a float32
+        # copy of all 3 B gradients (12 GB more at the peak and ~10 ms on the H100, measured)
+        norms = torch._foreach_norm(views, 2.0, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(norms))
         return total / self._divisor if self._divisor != 1 else total
 
     @torch.no_grad()

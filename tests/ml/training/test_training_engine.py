@@ -60,8 +60,9 @@ def test_deepspeed_config_from_train_config(cfg):
     ds = deepspeed_config(replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=0, precision="autocast")), 1)
     assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"]
     assert ds["gradient_clipping"] == 0.0  # ZeRO-0: engine.clip_gradients clips, not DeepSpeed's per-tensor loop
-    with pytest.raises(ValueError, match="precision: autocast"):
-        deepspeed_config(replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=0, precision="bf16")), 1)
+    # bf16 at ZeRO-0: our MasterAdamW keeps the fp32 masters, not DeepSpeed's bf16 optimizer; matmuls under autocast
+    ds = deepspeed_config(replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=0, precision="bf16")), 1)
+    assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.0
 
 
 def test_config_validation_names_the_key(tmp_path):
@@ -267,6 +268,44 @@ def test_zero0_clipping_is_ours_and_exact():
     assert p.returncode == 0 and "CLIP OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
 
+FOLD_SCRIPT = r"""
+import sys, torch
+import ml.training.engine as E
+from ml.config import load_config
+from ml.training.config import TrainConfig
+cfg = load_config(sys.argv[1], TrainConfig, {"deepspeed.zero_stage": 0, "deepspeed.precision": "autocast",
+                                             "deepspeed.dist_backend": "gloo", "optim.grad_clip": 0.5,
+                                             "train.grad_accum": 1, "optim.warmup_steps": 0})
+E.init_distributed(cfg)
+plain = E.build_optimizer
+E.build_optimizer = lambda params, cfg: torch.optim.AdamW(params, lr=1e-2, fused=True)  # what CUDA gets
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+engine = E.build_engine(model, cfg, 1)
+assert engine.optimizer.defaults["fused"], type(engine.optimizer)
+x = torch.randn(32, 8) * 10
+for step in range(3):
+    engine.backward(engine(x).square().mean() * 100 * (step + 1))
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = E.optimizer_step(engine, cfg)
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert abs(float(norm) - float(want)) < 1e-4 * float(want), (step, norm, want)  # this step's norm, not a stale one
+    assert getattr(engine.optimizer, "grad_scale", None) is None, "the clip factor outlived its step"
+print("FOLD OK")
+"""
+
+
+def test_zero0_fused_step_clips_by_folding_and_forgets_the_factor():
+    import subprocess
+    import sys
+
+    from training_fixtures import env
+
+    p = subprocess.run([sys.executable, "-c", FOLD_SCRIPT, str(TINY)], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=env())
+    assert p.returncode == 0 and "FOLD OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
 def _batch_with_view(tm_batch):
     tm, batch = tm_batch
     batch["image"] = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
@@ -310,3 +349,51 @@ def test_flop_counting_step_leaves_the_blocks_compiled(cfg, tmp_path):
     assert tm.train_flops_per_sample() > 0
     assert counters["stats"]["unique_graphs"] > 0, "the blocks did not compile on the counted step"
     tm.loss(tm.dit, batch, train=True).backward()  # a later step (maybe CFG-dropped: its own graphs) runs too
+
+
+def test_clipping_folded_into_fused_adamw_matches_a_separate_clip_pass():
+    """ZeRO-0 on CUDA clips by handing the fused AdamW a grad_scale instead of rewriting every gradient first:
+    the update must equal clip_grad_norm_ followed by the same optimizer, and the scale must not outlive the step."""
+    import copy
+
+    from ml.training.engine import fold_clip
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    b = copy.deepcopy(a)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1, fused=True)  # fused runs on CPU too
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    x = torch.randn(32, 8) * 10
+    for step in range(3):
+        for m in (a, b):
+            m.zero_grad()
+            (m(x).square().mean() * 100).backward()
+        norm_b = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.5)
+        scale = fold_clip(opt_a, list(a.parameters()), 0.5)
+        assert scale is not None and float(scale) > 1.0, "these gradients are far above the clip: it must act"
+        torch.testing.assert_close(opt_a.grad_scale_norm, norm_b)
+        opt_a.step()
+        opt_b.step()
+        opt_a.grad_scale = None
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # a plain (not fused) optimizer cannot take a scale: the caller clips in place instead
+    plain = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    assert fold_clip(plain, list(a.parameters()), 0.5) is None and getattr(plain, "grad_scale", None) is None
+
+
+@pytest.mark.parametrize("accum,world,accum_dtype,want", [(1, 1, "fp32", torch.bfloat16), (4, 1, "fp32", torch.float32),
+                                                         (1, 2, "fp32", torch.float32), (4, 2, "bf16", torch.bfloat16)])
+def test_master_weights_sum_gradients_in_the_configured_dtype(cfg, accum, world, accum_dtype, want):
+    """precision bf16 at ZeRO-0: MasterAdamW's gradient buffer is fp32 only where gradients are summed (micro-batches
+    or ranks) and deepspeed.grad_accum_dtype asks for fp32; the module's weights become bf16 views of its buffer."""
+    from ml.training.engine import build_master_optimizer
+
+    c = replace(cfg, train=replace(cfg.train, grad_accum=accum),
+                deepspeed=replace(cfg.deepspeed, zero_stage=0, precision="bf16", grad_accum_dtype=accum_dtype))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    opt = build_master_optimizer(model, list(model.parameters()), c, world)
+    assert opt.grad_dtype == want
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    # weight decay only on matrices (the groups build_optimizer makes)
+    assert [g["weight_decay"] for g in opt.param_groups] == [c.optim.weight_decay, 0.0]

@@ -292,6 +292,8 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # one thread, as the reference below: a bf16 CPU matmul's rounding depends on how its sums are split over threads
+    torch.set_num_threads(1)
     try:
         model = _model()
         opt = MasterAdamW(_groups(model), lr=1e-2, eps=0.1, grad_dtype=torch.float32)
@@ -313,7 +315,12 @@ def test_all_reduce_averages_two_ranks(tmp_path):
     got = torch.load(out, weights_only=False)
 
     model = _model()
-    g0, g1 = _backward(model, seed=10), _backward(model, seed=11)
+    threads = torch.get_num_threads()  # an earlier test in this process may have changed it: pin it like the ranks
+    torch.set_num_threads(1)
+    try:
+        g0, g1 = _backward(model, seed=10), _backward(model, seed=11)
+    finally:
+        torch.set_num_threads(threads)
     mean = [(a.float() + b.float()) / 2 for a, b in zip(g0, g1)]
     torch.testing.assert_close(got["norm"], _norm(mean), rtol=1e-6, atol=0)
     ref, ref_opt = _reference(model, eps=0.1)

@@ -14,22 +14,31 @@ from training_fixtures import TINY, run, write_dataset
 pytestmark = pytest.mark.integration
 
 
-def _launch(data, out, zero, *extra, port=None):
+def _launch(data, out, zero, *extra, port=None, precision=None):
     # `deepspeed --num_gpus 2 --module ml.training ...` is this runner; --num_gpus counts CPU ranks here
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port or 29700 + zero),
             "--module", "ml.training", "--config", str(TINY), f"data.root={data}", f"run.output_dir={out}",
             "logging.wandb=disabled", f"deepspeed.zero_stage={zero}", "train.log_every=1", "train.val_every=2",
             "train.ckpt_every=2", "optim.warmup_steps=1", "model.cfg_drop=0.5",
-            *(["deepspeed.precision=autocast"] if zero == 0 else []), *extra]
+            *_precision(precision), *extra]
 
 
-@pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(0, marks=pytest.mark.slow)])
-def test_two_ranks_then_resume_on_one(tmp_path, zero):
+def _precision(precision):
+    # bf16: the shipped H100 settings (MasterAdamW, gradients summed over micro-batches and ranks in bf16)
+    return ([f"deepspeed.precision={precision}"] if precision else []) + (
+        ["deepspeed.grad_accum_dtype=bf16"] if precision == "bf16" else [])
+
+
+@pytest.mark.parametrize("zero,precision", [(2, None), pytest.param(3, None, marks=pytest.mark.slow),
+                                            pytest.param(0, "autocast", marks=pytest.mark.slow),
+                                            pytest.param(0, "bf16", marks=pytest.mark.slow)])  # MasterAdamW's all-reduce
+def test_two_ranks_then_resume_on_one(tmp_path, zero, precision):
     data = tmp_path / "data"
     write_dataset(data, n_train=8, n_val=2, n_points=6000)
     out = tmp_path / "out"
     # cfg_drop 0.5: CFG-dropped and kept samples meet in one step across ranks (the graph must stay static)
-    run(_launch(data, out, zero, "run.run_id=r", "train.max_steps=4", "train.export=false"))
+    run(_launch(data, out, zero, "run.run_id=r", "train.max_steps=4", "train.export=false", precision=precision,
+                port=29700 + zero + (10 if precision == "bf16" else 0)))
     rd = out / "r"
     st = read_trainer_state(rd / "checkpoints" / "step_0000004")
     assert st["world_size"] == 2 and st["micro_step"] == 4 * 2 and st["samples_seen"] == 4 * 2 * 2
@@ -38,7 +47,7 @@ def test_two_ranks_then_resume_on_one(tmp_path, zero):
     p = run([sys.executable, "-m", "ml.training", "--config", str(TINY), f"data.root={data}", f"run.output_dir={out}",
              "logging.wandb=disabled", f"deepspeed.zero_stage={zero}", "train.log_every=1", "train.val_every=2",
              "train.ckpt_every=2", "optim.warmup_steps=1", "train.max_steps=6", "--resume", str(rd),
-             *(["deepspeed.precision=autocast"] if zero == 0 else [])])
+             *_precision(precision)])
     assert "at step 4" in p.stderr + p.stdout
     # ZeRO cuts optimizer state per rank: converted once to the universal format; without ZeRO nothing to convert
     assert (rd / "checkpoints" / "step_0000004-universal" / "zero").is_dir() == (zero > 0)

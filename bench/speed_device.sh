@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The second speed pass's device calls (device tool, 2x H100): what each candidate change buys, measured before
-# and after it is built. Usage: bash bench/speed_device.sh probe|... [out dir]
+# The speed passes' device calls (device tool; probe..call6 on 2x H100, call7.. on 1x H100): what each candidate
+# change buys, measured before and after it is built. Usage: bash bench/speed_device.sh probe|... [out dir]
 set -uo pipefail
 OUT=${2:-${OUT:-/tmp/out}}
 mkdir -p "$OUT"
@@ -89,5 +89,59 @@ call6)  # compiled blocks under DeepSpeed ZeRO-2 on both cards (the multi-GPU pa
     --steps 6 --warmup 4 --zero 2 --compile blocks --set deepspeed.precision=bf16 --label 2gpu-bf16-zero2-compile \
     > "$OUT/multi.log" 2>&1
   grep -h '^\[2gpu' "$OUT/multi.log" || grep -h "Error" "$OUT/multi.log" | tail -5
+  ;;
+call7)  # third pass, one H100: clip folded into the fused AdamW; encoders drawn ahead on a side stream (the
+  # trainer loop, serial vs overlapped, is measured inside every run); bf16 weights with MasterAdamW; GPU-only tests
+  python3 -m pytest -q -m gpu tests/ml/training/test_training_master.py tests/ml/training/test_training_gpu.py \
+    -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  ts 0 autocast-nofold --steps 6 --warmup 4 --no-fold
+  ts 0 autocast --steps 6 --warmup 4
+  ts 0 bf16 --steps 6 --warmup 4 --set deepspeed.precision=bf16
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
+call8)  # one H100: bf16 + MasterAdamW after the norm fix (no fp32 copy of the gradients), as configured (4 micro-
+  # batches per step: fp32 gradient buffer), with the latent cache, DINOv2 compiled; a profile of the bf16 step
+  B="--steps 6 --warmup 4 --set deepspeed.precision=bf16"
+  ts 0 bf16 $B --profile "$OUT"
+  ts 0 bf16-accum4 $B --accum 4
+  ts 0 bf16-latentcache $B --latent-cache
+  ts 0 bf16-accum4-latentcache $B --accum 4 --latent-cache
+  ts 0 bf16-dinocompile $B --compile-encoders
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
+call9)  # one H100, the config's 4 micro-batches per step: autocast vs bf16 (gradients summed in bf16: fits; in fp32:
+  # needs recompute of 6 blocks), and with the latent cache
+  S="--steps 5 --warmup 3 --accum 4"
+  ts 0 autocast-accum4 $S
+  ts 0 bf16-accum4-bf16sum $S --set deepspeed.precision=bf16 --set deepspeed.grad_accum_dtype=bf16
+  ts 0 bf16-accum4-bf16sum-latentcache $S --latent-cache --set deepspeed.precision=bf16 --set deepspeed.grad_accum_dtype=bf16
+  ts 0 bf16-accum4-fp32sum-ackpt6 $S --act-ckpt 6 --set deepspeed.precision=bf16
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
+call10)  # one H100, final figures of configs/train_dit_refine.yaml as shipped (bf16, gradients summed in bf16,
+  # encoders overlapped): 4 micro-batches per step and 1; autocast with 4 (overlap must fall back, not slow down)
+  python3 -m pytest -q -m gpu tests/ml/training/test_training_gpu.py tests/ml/training/test_training_master.py \
+    -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+  ts 0 shipped-accum4 --steps 6 --warmup 3 --accum 4
+  ts 0 shipped-accum1 --steps 8 --warmup 4
+  ts 0 autocast-accum4 --steps 5 --warmup 3 --accum 4 --set deepspeed.precision=autocast
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
+call12)  # one H100, a probe: torchao float8 training (carried wheel) on the DiT's large linears, shipped settings
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/probe/*.whl
+  [ -n "${SKIP_BASE:-}" ] || ts 0 fp8-none --steps 6 --warmup 4
+  ts 0 fp8-tensorwise --steps 6 --warmup 4 --fp8 tensorwise
+  ts 0 fp8-rowwise --steps 6 --warmup 4 --fp8 rowwise
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
+call11)  # one H100: the real trainer (python -m ml.training, configs/train_dit_refine.yaml as shipped) on synthetic
+  # samples of the official size (163,840 points; renders resized to 1022 px): what metrics.jsonl reports
+  python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests/ml/training')
+from training_fixtures import write_dataset; write_dataset(Path('/tmp/ds'), n_train=16, n_val=2, n_points=163840)"
+  timeout 540 python3 -m ml.training --config configs/train_dit_refine.yaml data.root=/tmp/ds run.output_dir=/tmp/runs \
+    run.run_id=e2e model.weights=null logging.wandb=disabled train.max_steps=36 train.log_every=6 train.val_every=0 \
+    train.ckpt_every=1000 train.export=false optim.warmup_steps=4 data.num_workers=4 > "$OUT/e2e.log" 2>&1
+  echo "rc $?"; grep -v Warning "$OUT/e2e.log" | grep "step \|error\|Error" | tail -12
+  cp /tmp/runs/e2e/metrics.jsonl "$OUT/" 2>/dev/null
   ;;
 esac

@@ -77,8 +77,9 @@ def main(argv=None) -> int:
                     help="activation checkpointing on the first N DiT blocks (-1: all)")
     ap.add_argument("--attn", choices=["auto", "flash", "cudnn", "efficient"], default="auto",
                     help="force one SDPA backend for the DiT and encoders")
-    ap.add_argument("--compile", choices=["none", "kernels", "blocks"], default="none",
-                    help="kernels: RefineDiT.compile_kernels() (q/k norm + RoPE); blocks: torch.compile each block")
+    ap.add_argument("--compile", choices=["none", "kernels", "blocks"], default=None,
+                    help="kernels: RefineDiT.compile_kernels() (q/k norm + RoPE); blocks: torch.compile each block "
+                         "(default: the config's model.compile)")
     ap.add_argument("--offload", action="store_true", help="ZeRO-Offload (optimizer on the CPU)")
     ap.add_argument("--experts", choices=["auto", "grouped", "loop"], default="auto",
                     help="MoE routed experts: grouped GEMMs or one matmul pair per expert (auto: grouped on CUDA bf16)")
@@ -86,6 +87,14 @@ def main(argv=None) -> int:
                     help="data.latent_cache on: the VAE encodes the sample once, later steps read the cached posterior "
                          "(what every epoch after the first does)")
     ap.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches per optimizer step in the trainer-loop measurement (the config's is 4)")
+    ap.add_argument("--fp8", choices=["none", "tensorwise", "rowwise"], default="none",
+                    help="probe: torchao float8 training on the DiT's large nn.Linear layers (needs torchao)")
+    ap.add_argument("--compile-encoders", action="store_true",
+                    help="also torch.compile the frozen DINOv2 (fixed image size: one graph); a probe, not a config key")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="clip in its own pass instead of inside the fused AdamW (the first session's way)")
     ap.add_argument("--label", default="", help="name of this variant in the output")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after the timed steps, run 2 more under torch.profiler and write the kernel table there")
@@ -95,7 +104,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     over = parse_overrides(args.set)
-    over.update({"train.grad_accum": 1, "train.micro_batch": 1, "model.weights": None, "optim.warmup_steps": 0,
+    # cfg_drop 0: every timed step has its image context (a dropped one skips the cross-attention: faster)
+    over.update({"train.grad_accum": args.accum, "train.micro_batch": 1, "model.weights": None, "optim.warmup_steps": 0,
+                 "model.cfg_drop": 0.0,
                  "train.max_steps": 10**6, "model.activation_checkpointing": args.act_ckpt is not None,
                  "model.checkpoint_blocks": None if args.act_ckpt in (None, -1) else args.act_ckpt})
     if args.zero is not None:
@@ -107,9 +118,13 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, TrainConfig, over)
 
     from ml.models.checkpoint import build_models
-    from ml.training.engine import (apply_lora, build_engine, clip_gradients, compile_blocks,
-                                    enable_activation_checkpointing, init_distributed, make_graph_static)
-    from ml.training.step import TrainModels
+    import ml.training.engine as E
+    from ml.training.engine import (apply_lora, build_engine, compile_blocks, enable_activation_checkpointing,
+                                    init_distributed, make_graph_static, optimizer_step)
+    from ml.training.step import StepRunner, TrainModels
+
+    if args.no_fold:
+        E.fold_clip = lambda *a, **k: None  # clip_gradients falls back to clip_grad_norm_ in place
 
     rank, local_rank, world = init_distributed(cfg)
     cuda = torch.cuda.is_available()
@@ -134,10 +149,30 @@ def main(argv=None) -> int:
     for blk in dit.blocks:
         if blk.use_moe:
             blk.moe.experts_impl = args.experts
+    if args.fp8 != "none":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        def big_linear(mod, fqn):
+            return (isinstance(mod, torch.nn.Linear) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+                    and min(mod.in_features, mod.out_features) >= 1024)
+
+        n_lin = sum(big_linear(m, n) for n, m in dit.named_modules())
+        from dataclasses import replace as _replace
+
+        # pad_inner_dim: the DiT's 8,193 tokens (8,192 latents + the timestep) are the inner dimension of the weight
+        # gradient's matmul, which fp8 GEMMs need in multiples of 16
+        f8 = _replace(Float8LinearConfig.from_recipe_name(args.fp8), pad_inner_dim=True)
+        convert_to_float8_training(dit, config=f8, module_filter_fn=big_linear)
+        print(f"fp8 {args.fp8}: {n_lin} nn.Linear layers converted", flush=True)
+    if args.compile is None:
+        args.compile = "blocks" if cfg.model.compile and cuda else "none"
     if args.compile == "kernels":
         dit.compile_kernels()
     elif args.compile == "blocks":
         compile_blocks(dit)  # what model.compile: true does in ml.training, in the trainer's order
+    if args.compile_encoders:
+        enc = tm.conditioner.main_image_encoder
+        enc.model = torch.compile(enc.model)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(dit, cfg.model.checkpoint_blocks)
     engine = build_engine(dit, cfg, world)
@@ -167,7 +202,7 @@ def main(argv=None) -> int:
         count = i == 0  # FLOPs counted once, on a warm-up step
         with ctx():
             e0 = ev()
-            x1, vidx, cond, cond_mask = tm._inputs(batch, train=False, gen=None)
+            x1, vidx, cond, cond_mask = inputs = tm.inputs(batch, train=False)
             e1 = ev()
             if count:
                 from torch.utils.flop_counter import FlopCounterMode
@@ -177,12 +212,15 @@ def main(argv=None) -> int:
                     tm._inputs(batch, train=False, gen=None)
                 enc_flops = fc_enc.get_total_flops()
                 dit_fwd_flops = tm.count_dit_flops(engine, x1, vidx, cond, cond_mask, None)  # as ml.training counts
-            loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
+            loss = tm.dit_loss(engine, inputs)
             e2 = ev()
             engine.backward(loss)
             e3 = ev()
-            clip_gradients(engine, cfg)  # ZeRO-0: ml.training clips here; ZeRO >= 1: inside engine.step()
-            engine.step()
+            for _ in range(args.accum - 1):  # the phase timings are of one micro-batch; DeepSpeed must reach its boundary
+                optimizer_step(engine, cfg)
+                engine.backward(tm.dit_loss(engine, inputs))
+                e3 = ev()
+            optimizer_step(engine, cfg)  # ZeRO-0: clipping (folded into the fused AdamW) + step; ZeRO >= 1: inside
             e4 = ev()
         if cuda:
             torch.cuda.synchronize()
@@ -194,6 +232,26 @@ def main(argv=None) -> int:
         if i == args.warmup - 1 and cuda:
             torch.cuda.reset_peak_memory_stats()
 
+    # The trainer's way: StepRunner steps back to back (the next micro-batch's encoders drawn ahead, on a second
+    # stream with train.overlap_encoders; no host wait inside a step), timed on the wall clock over all of them.
+    if cuda:
+        batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}  # as the loader
+    loop_s = {}
+    for overlap in (False, True):
+        runner = StepRunner(tm, engine, cfg, draw=lambda: batch, snapshot=lambda: None, overlap=overlap)
+        for _ in range(2):
+            runner.step(draw_ahead=True)
+        if cuda:
+            torch.cuda.synchronize()
+        t_loop = time.perf_counter()
+        for i in range(args.steps):
+            loss_sum, _ = runner.step(draw_ahead=i < args.steps - 1)
+        if cuda:
+            torch.cuda.synchronize()
+        loop_s[overlap] = (time.perf_counter() - t_loop) / args.steps
+        if not math.isfinite(float(loss_sum)):
+            raise RuntimeError(f"trainer-loop loss is {float(loss_sum)}")
+
     if args.profile and rank == 0:
         from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -202,14 +260,16 @@ def main(argv=None) -> int:
             for _ in range(2):
                 with ctx():
                     with record_function("## encoders"):
-                        x1, vidx, cond, cond_mask = tm._inputs(batch, train=False, gen=None)
+                        inputs = tm.inputs(batch, train=False)
                     with record_function("## dit_forward"):
-                        loss = tm._dit_loss(engine, x1, vidx, cond, cond_mask, None)
+                        loss = tm.dit_loss(engine, inputs)
                     with record_function("## dit_backward"):
                         engine.backward(loss)
                     with record_function("## optimizer"):
-                        clip_gradients(engine, cfg)
-                        engine.step()
+                        for _ in range(args.accum - 1):
+                            optimizer_step(engine, cfg)
+                            engine.backward(tm.dit_loss(engine, inputs))
+                        optimizer_step(engine, cfg)
             if cuda:
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -234,6 +294,9 @@ def main(argv=None) -> int:
         "zero_stage": cfg.deepspeed.zero_stage, "attn": args.attn, "compile": args.compile,
         "act_ckpt": args.act_ckpt, "experts": args.experts, "latent_cache": args.latent_cache, "offload": cfg.deepspeed.offload_optimizer, "lora": cfg.model.lora.enabled,
         "dit_params_b": n_params / 1e9, "tokens": tokens, "image_tokens": int(cond.shape[1]),
+        "precision": cfg.deepspeed.precision, "accum": args.accum, "fold_clip": not args.no_fold,
+        "loop_step_s_serial": loop_s[False], "loop_step_s_overlap": loop_s[True],
+        "loop_s_per_sample_overlap": loop_s[True] / args.accum,
         "step_s": med["step"], "encoders_s": med["encoders"], "dit_fwd_s": med["dit_fwd"], "dit_bwd_s": med["dit_bwd"],
         "optimizer_s": med["optimizer"], "step_s_min": min(r["step"] for r in rows), "step_s_max": max(r["step"] for r in rows),
         "dit_tflop": dit_flops / 1e12, "encoder_tflop": enc_flops / 1e12,
@@ -249,6 +312,9 @@ def main(argv=None) -> int:
               f"optimizer {med['optimizer']:.3f}; DiT {res['dit_tflops_per_s']:.0f} TFLOP/s "
               f"({res['dit_tflop']:.1f} TFLOP), peak mem {', '.join(f'{m:.1f}' for m in mems if m is not None)} GiB, "
               f"matmul ceiling {ceiling or 0:.0f} TFLOP/s", flush=True)
+        print(f"[{res['label']}] trainer loop (StepRunner, {args.accum} micro-batch/step): {loop_s[False]:.3f} s/step "
+              f"serial, {loop_s[True]:.3f} s/step with the encoders overlapped = "
+              f"{loop_s[True] / args.accum:.3f} s/sample", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(res) + "\n")

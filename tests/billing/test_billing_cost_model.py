@@ -41,7 +41,7 @@ def test_seed_plan_reproduces_the_stated_total(cfg):
 def test_each_kit_choice_lowers_the_bill_and_the_kit_meets_the_goal(cfg):
     rows = {sc.name: usd for sc, _, usd in cost_table(cfg)}
     names = [sc.name for sc in SCENARIOS]
-    # volume, autostop, the kit's measured training step (0.475 s on an H100, official 0.52 s), processing speed,
+    # volume, autostop, the kit's measured training step (0.383 s on an H100, official 0.52 s), processing speed,
     # CPU pod: each lowers the bill
     for before, after in [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]:
         assert rows[names[after]] < rows[names[before]], (names[after], rows)
@@ -135,8 +135,8 @@ def test_estimate_run_offline_uses_config_prices_and_step_time(cfg):
     e = estimate_run(gpu_ids=["NVIDIA H100 80GB HBM3"], meshes=30000, steps=60000, volume_gb=200,
                      network_volume=True, cfg=cfg)
     assert e.gpu_usd_per_hour == pytest.approx(2.69)
-    assert e.step_time_s == pytest.approx(0.475)  # ml.training's measured H100 step, not the official 0.52 s
-    assert e.train_hours == pytest.approx(60000 * 0.475 / 3600)
+    assert e.step_time_s == pytest.approx(0.383)  # ml.training's measured H100 step, not the official 0.52 s
+    assert e.train_hours == pytest.approx(60000 * 0.383 / 3600)
     assert e.storage_usd_per_month == pytest.approx(200 * 0.07)
     assert "configs/cost.yaml" in e.price_source
     assert any("$/h" in x or "/h" in x for x in e.lines())

@@ -62,8 +62,8 @@ def test_estimate_offline_uses_the_training_config_and_flags_a_small_budget(repo
     lines = pc.estimate_lines("h100", "configs/train_dit_refine.yaml", meshes=30000)
     text = "\n".join(lines)
     steps = 20000  # train.max_steps of configs/train_dit_refine.yaml; 4 samples per step (grad_accum 4)
-    hours = steps * 0.475 * 4 / 3600  # ml.training's measured H100 step per sample (configs/cost.yaml)
-    assert f"{steps} steps x 1.900 s" in text and f"= {hours:.2f} h" in text and "bench figure" in text
+    hours = steps * 0.383 * 4 / 3600  # ml.training's measured H100 step per sample (configs/cost.yaml)
+    assert f"{steps} steps x 1.532 s" in text and f"= {hours:.2f} h" in text and "bench figure" in text
     assert "$2.69/h (configs/cost.yaml)" in text
     assert "network volume 200 GB = $14.00/month" in text
     assert "covers it" in text

@@ -44,6 +44,26 @@ def _run_dir(out: Path) -> Path:
     return d
 
 
+def _sigterm_after_3_steps(cmd: list[str], metrics: Path) -> tuple[int, str, str]:
+    """Start a training run, SIGTERM it once metrics.jsonl has 3 lines; (returncode, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                raise AssertionError(f"training did not start (exit {proc.returncode}): {err[-3000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, stderr
+
+
 def _dit_weights(export: Path) -> dict[str, torch.Tensor]:
     return torch.load(export, map_location="cpu", weights_only=True)["dit"]
 
@@ -175,21 +195,9 @@ def test_sigterm_then_resume_continues_exactly(synthetic, tmp_path, precision):
               *(["deepspeed.zero_stage=0"] if precision == "bf16" else []))
     run(train_cmd(synthetic, tmp_path / "ref", *common, "run.run_id=ref"))
     out = tmp_path / "out"
-    proc = subprocess.Popen(train_cmd(synthetic, out, *common, "run.run_id=r"), cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = out / "r" / "metrics.jsonl"
-    try:
-        deadline = time.time() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None and time.time() < deadline, f"training did not start: {proc.stderr.read()[-3000:]}"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    returncode, _, stderr = _sigterm_after_3_steps(train_cmd(synthetic, out, *common, "run.run_id=r"),
+                                                   out / "r" / "metrics.jsonl")
+    assert returncode == 128 + signal.SIGTERM, stderr[-2000:]
     stopped = int((out / "r" / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 0 < stopped < 40
     st = read_trainer_state(out / "r" / "checkpoints" / f"step_{stopped:07d}")
@@ -256,20 +264,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(synthetic, tmp_path):
     out = tmp_path / "out"
     cmd = train_cmd(synthetic, out, "train.max_steps=500", "train.ckpt_every=1000", "train.log_every=1",
                     "train.val_every=0", "optim.warmup_steps=1", "run.run_id=r")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "r" / "metrics.jsonl"
-    try:
-        deadline = time.time() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    returncode, stdout, stderr = _sigterm_after_3_steps(cmd, metrics)
+    assert returncode == 128 + signal.SIGTERM, stderr[-2000:]
     last = [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"][-1]
     latest = (out / "r" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{last:07d}" and last < 500  # the step it stopped at, not a ckpt_every multiple

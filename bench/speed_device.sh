@@ -134,6 +134,14 @@ call12)  # one H100, a probe: torchao float8 training (carried wheel) on the DiT
   ts 0 fp8-rowwise --steps 6 --warmup 4 --fp8 rowwise
   cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
   ;;
+call13)  # 2 H100s: the shipped config under `deepspeed --num_gpus 2` (ZeRO-0, bf16 + MasterAdamW, one all-reduce of
+  # the flat bf16 gradients per step over NCCL): 1 and 4 micro-batches per step
+  for A in 1 4; do
+    timeout 280 python3 -m deepspeed.launcher.runner --num_gpus 2 bench/train_step.py --json "$OUT/steps.jsonl" \
+      --steps 5 --warmup 3 --accum $A --label 2gpu-shipped-accum$A > "$OUT/multi$A.log" 2>&1
+    grep -h '^\[2gpu' "$OUT/multi$A.log" || grep -h "Error" "$OUT/multi$A.log" | tail -5
+  done
+  ;;
 call11)  # one H100: the real trainer (python -m ml.training, configs/train_dit_refine.yaml as shipped) on synthetic
   # samples of the official size (163,840 points; renders resized to 1022 px): what metrics.jsonl reports
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests/ml/training')

@@ -101,11 +101,11 @@ class DeepSpeedConfig:
     # ^ bf16: bf16 weights; fp32 master copies inside DeepSpeed's ZeRO optimizer (zero_stage >= 1), or at
     #   zero_stage 0 in ml.training.master.MasterAdamW (one-pass update, matmuls under autocast: fastest on one GPU);
     #   autocast: fp32 weights, bf16 matmuls through torch.autocast (the official Lightning "bf16-mixed"); the
-    #   optimizer is a plain fused AdamW over fp32 tensors (faster on one GPU, see README); fp32: CPU runs
+    #   optimizer is a plain fused AdamW over fp32 tensors; fp32: CPU runs
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
     # ^ precision bf16 only: the dtype gradients are summed in over micro-batches and ranks. fp32 loses no bits but
-    #   holds a 4-byte copy of every gradient (12 GB at full size: the worst-case sample then needs recompute on an
-    #   80 GB H100); bf16 rounds each sum to 8 bits of mantissa, as DeepSpeed's and FSDP's bf16 defaults do.
+    #   holds every gradient in 4 bytes instead of 2 (+6 GB at full size: the worst-case sample then needs recompute
+    #   on an 80 GB H100); bf16 rounds each sum to 8 bits of mantissa, as DeepSpeed's bf16 default does.
     dist_backend: Optional[str] = None  # None: nccl with CUDA, gloo without
     overlap_comm: bool = True  # overlap gradient reduction with backward (ZeRO 2/3)
     reduce_bucket_size: int = 200_000_000  # elements per gradient reduction bucket

@@ -83,7 +83,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # same bf16-rounded weights autocast would make -- without casting 3 B weights every forward.
         ds["bf16"] = {"enabled": False}
     if d.precision == "autocast" or (d.precision == "bf16" and d.zero_stage == 0):
-        # fp32 weights and gradients; matmuls in bf16. Gradients of Linear layers travel in bf16 between ranks.
+        # Matmuls in bf16 (autocast: on fp32 weights, cast each forward; bf16 at ZeRO-0: on the bf16 weights as they are).
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if d.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's CPU Adam (a compiled op); DeepSpeed builds it from this entry.

@@ -29,11 +29,14 @@ EXPORT_NAME = "ultrashape.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def gather_full_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(engine, module: torch.nn.Module,
+                           frozen: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Collective (every rank calls it). Full fp32 weights of `module` on CPU, ZeRO 0-3, LoRA merged.
 
-    Trainable parameters come from the optimizer's fp32 master copy (safe_get_full_fp32_param); frozen ones
-    (LoRA bases) from the module, gathered first under ZeRO-3."""
+    Trainable parameters come from the optimizer's fp32 master copy (safe_get_full_fp32_param, or MasterAdamW's);
+    frozen ones (LoRA bases) from `frozen` when given (by module name: their full-precision values from the
+    weights file, since precision bf16 keeps only bf16 copies in the module), else from the module, gathered
+    first under ZeRO-3."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -48,11 +51,13 @@ def gather_full_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.T
         if full is None and p.requires_grad:
             full = safe_get_full_fp32_param(p)
         if full is None:
-            if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
+            if hasattr(p, "ds_id"):  # ZeRO-3 partitioned: a collective, so every rank gathers, `frozen` or not
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     full = p.detach().clone()
             else:
                 full = p.detach()
+            if frozen is not None and name in frozen:
+                full = frozen[name]
         out[name] = full.detach().float().cpu()
     for name, b in module.named_buffers():
         if name in dict(module.state_dict(keep_vars=True)):
@@ -61,13 +66,25 @@ def gather_full_state_dict(engine, module: torch.nn.Module) -> dict[str, torch.T
     return merge_lora_tensors(out, module)
 
 
+def frozen_from(fresh_dit: torch.nn.Module, trained_dit: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full-precision starting values of `trained_dit`'s frozen parameters, by its own names, from a freshly
+    loaded DiT (a LoRA base `<m>.base_weight` is the file's `<m>.weight`)."""
+    src = fresh_dit.state_dict()
+    out = {}
+    for name, p in trained_dit.named_parameters():
+        if not p.requires_grad:
+            key = name[: -len(".base_weight")] + ".weight" if name.endswith(".base_weight") else name
+            out[name] = src[key].detach().float()
+    return out
+
+
 def export_run(tr: "Trainer") -> Path | None:
     cfg = tr.cfg
-    sd = gather_full_state_dict(tr.engine, tr.models.dit)
     path = tr.run_dir / "export" / EXPORT_NAME
+    models = None
     if tr.is_main:
         # A fresh CPU copy of the three networks: the released (or seeded random) VAE and conditioner in full
-        # precision, and the trained DiT.
+        # precision, and the starting DiT, whose frozen weights (LoRA) the export keeps bit for bit.
         arch = cfg.model.arch
         if cfg.model.weights is not None:
             models = materialize(build_models(arch, device="meta"), device="cpu")
@@ -76,6 +93,9 @@ def export_run(tr: "Trainer") -> Path | None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.run.seed)
                 models = build_models(arch, device="cpu")
+    frozen = frozen_from(models.dit, tr.models.dit) if models is not None else None
+    sd = gather_full_state_dict(tr.engine, tr.models.dit, frozen)
+    if tr.is_main:
         models.dit.load_state_dict(sd, strict=True)
         meta = {"run_id": cfg.run.run_id, "step": tr.step, "base_weights": str(cfg.model.weights),
                 "train_config": to_dict(cfg)}

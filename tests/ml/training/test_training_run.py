@@ -240,10 +240,14 @@ def test_resume_refuses_changed_architecture(synthetic, tmp_path):
     assert p.returncode != 0 and "'train.micro_batch' was 1 and is now 2" in p.stderr, p.stderr[-2000:]
 
 
-def test_lora_run_exports_the_released_key_set(synthetic, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_run_exports_the_released_key_set(synthetic, tmp_path, precision):
+    """bf16 (ZeRO-0, MasterAdamW): the module holds bf16 copies of the frozen weights; the export must still hold
+    the starting weights bit for bit, not their bf16 rounding."""
     out = tmp_path / "out"
+    extra = ["deepspeed.precision=bf16", "deepspeed.zero_stage=0"] if precision == "bf16" else []
     run(train_cmd(synthetic, out, "model.lora.enabled=true", "train.max_steps=3", "train.val_every=0",
-                  "optim.warmup_steps=1", "run.run_id=r", "optim.lr=0.05"))
+                  "optim.warmup_steps=1", "run.run_id=r", "optim.lr=0.05", *extra))
     from ml.models.checkpoint import build_models, load_checkpoint
     from ml.training.config import TrainConfig
     from ml.config import load_config

@@ -142,6 +142,9 @@ call13)  # 2 H100s: the shipped config under `deepspeed --num_gpus 2` (ZeRO-0, b
     grep -h '^\[2gpu' "$OUT/multi$A.log" || grep -h "Error" "$OUT/multi$A.log" | tail -5
   done
   ;;
+call14)  # one H100: the GPU-only tests (overlap parity, MasterAdamW's Triton kernel, a bf16 run resumed on CUDA)
+  python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider 2>&1 | tail -15
+  ;;
 call11)  # one H100: the real trainer (python -m ml.training, configs/train_dit_refine.yaml as shipped) on synthetic
   # samples of the official size (163,840 points; renders resized to 1022 px): what metrics.jsonl reports
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests/ml/training')

@@ -1,5 +1,6 @@
 """What only a GPU shows in ml.training (skipped without CUDA, here and in CI; run on the device machine):
-the frozen encoders drawn ahead on a second CUDA stream must feed the DiT the inputs the serial order feeds it.
+the frozen encoders drawn ahead on a second CUDA stream must feed the DiT the inputs the serial order feeds it, and
+MasterAdamW's CUDA state must survive a checkpoint and resume.
 
     python -m pytest tests/ml/training/test_training_gpu.py -m gpu -q
 """
@@ -60,3 +61,42 @@ def test_encoders_on_a_side_stream_feed_the_serial_inputs(precision):
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(TINY), str(ROOT / "bench"), precision], capture_output=True,
                        text=True, timeout=300, cwd=ROOT, env=env())
     assert p.returncode == 0 and "OVERLAP OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_bf16_master_weights_resume_on_cuda(tmp_path):
+    """precision bf16 at ZeRO-0 on the GPU: MasterAdamW's CUDA state (flat fp32 masters and moments) goes through
+    DeepSpeed's checkpoint and back. A run of 6 steps, then the same run resumed from its step-3 checkpoint: the
+    step counter and data position continue, and the weights end where the uninterrupted run's did (up to the last
+    bits GPU reductions may differ in)."""
+    from ml.training.checkpoint import read_trainer_state
+    from training_fixtures import run, train_cmd, write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, n_train=6, n_val=2, n_points=6000)
+    out = tmp_path / "out"
+    common = ("train.max_steps=6", "train.ckpt_every=3", "train.keep_checkpoints=3", "train.log_every=1",
+              "train.val_every=0", "optim.warmup_steps=1", "deepspeed.zero_stage=0", "deepspeed.precision=bf16",
+              "deepspeed.dist_backend=nccl", "run.run_id=r")
+    run(train_cmd(data, out, *common), timeout=600)
+    export = out / "r" / "export" / "ultrashape.pt"
+    states = out / "r" / "checkpoints" / "step_0000006" / "mp_rank_00_model_states.pt"
+
+    def optimizer_state():
+        return torch.load(states, map_location="cpu", weights_only=False)["optimizer"]["flat"]
+
+    first, first_opt = torch.load(export, map_location="cpu", weights_only=True)["dit"], optimizer_state()
+    p = run(train_cmd(data, out, *common, resume=str(out / "r" / "checkpoints" / "step_0000003")), timeout=600)
+    assert "at step 3" in p.stderr + p.stdout
+    st = read_trainer_state(out / "r" / "checkpoints" / "step_0000006")
+    assert st["step"] == 6 and st["micro_step"] == 6 * 2
+    again, again_opt = torch.load(export, map_location="cpu", weights_only=True)["dit"], optimizer_state()
+    # The moments carry all 6 steps: a resume that lost them would hold 3 steps' worth (about half of exp_avg_sq)
+    for a, b in zip(first_opt, again_opt):
+        assert a["step"] == b["step"] == 6
+        rel = float((b["exp_avg_sq"] - a["exp_avg_sq"]).norm() / a["exp_avg_sq"].norm())
+        assert rel < 0.02, f"exp_avg_sq after the resume differs by {rel:.3f} (relative L2)"
+    moved = 0
+    for k in first:
+        torch.testing.assert_close(again[k], first[k], rtol=2e-2, atol=2e-3, msg=lambda m, k=k: f"{k}: {m}")
+        moved += int(not torch.equal(first[k], first[k].bfloat16().float()))
+    assert moved > 0, "the export should hold fp32 masters, not bf16 values"

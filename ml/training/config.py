@@ -84,7 +84,7 @@ class TrainLoopConfig:
     grad_accum: int = 4  # micro-batches per optimizer step (official accumulate_grad_batches 4)
     overlap_encoders: bool = True  # next micro-batch's frozen encoders on a 2nd CUDA stream beside backward/optimizer
     ckpt_every: int = 1000  # write a resumable checkpoint every N optimizer steps (and always at the end)
-    keep_checkpoints: int = 2  # keep the newest N checkpoints (each holds optimizer state: ~37 GB at full size)
+    keep_checkpoints: int = 2  # keep the newest N checkpoints (each holds optimizer state: ~37-43 GB at full size)
     val_every: int = 500  # validation loss every N optimizer steps (0: only at the end)
     val_batches: int = 16  # micro-batches per validation (official limit_val_batches 16)
     log_every: int = 10  # one metrics.jsonl / TensorBoard line every N optimizer steps

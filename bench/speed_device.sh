@@ -143,7 +143,7 @@ call13)  # 2 H100s: the shipped config under `deepspeed --num_gpus 2` (ZeRO-0, b
   done
   ;;
 call14)  # one H100: the GPU-only tests (overlap parity, MasterAdamW's Triton kernel, a bf16 run resumed on CUDA)
-  python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider 2>&1 | tail -15
+  python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -15
   ;;
 call11)  # one H100: the real trainer (python -m ml.training, configs/train_dit_refine.yaml as shipped) on synthetic
   # samples of the official size (163,840 points; renders resized to 1022 px): what metrics.jsonl reports

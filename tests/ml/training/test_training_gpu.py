@@ -100,3 +100,27 @@ def test_bf16_master_weights_resume_on_cuda(tmp_path):
         torch.testing.assert_close(again[k], first[k], rtol=2e-2, atol=2e-3, msg=lambda m, k=k: f"{k}: {m}")
         moved += int(not torch.equal(first[k], first[k].bfloat16().float()))
     assert moved > 0, "the export should hold fp32 masters, not bf16 values"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_train_with_the_encoders_overlapped(tmp_path):
+    """The shipped multi-GPU path: `deepspeed --num_gpus 2` at ZeRO-0 with bf16 + MasterAdamW over NCCL, the
+    encoders drawn ahead on the side stream (with the trainer's empty-batch collective among them), CFG drops
+    meeting across ranks. Both ranks must agree on every step and the run must finish with its checkpoint."""
+    from ml.training.checkpoint import read_trainer_state
+    from ml.training.logs import read_metrics
+    from training_fixtures import run, write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, n_train=8, n_val=2, n_points=6000)
+    out = tmp_path / "out"
+    run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29760", "--module",
+         "ml.training", "--config", str(TINY), f"data.root={data}", f"run.output_dir={out}", "logging.wandb=disabled",
+         "deepspeed.zero_stage=0", "deepspeed.precision=bf16", "deepspeed.grad_accum_dtype=bf16",
+         "deepspeed.dist_backend=nccl", "train.max_steps=6", "train.log_every=1", "train.val_every=3",
+         "train.ckpt_every=1000", "optim.warmup_steps=1", "model.cfg_drop=0.5", "run.run_id=r"], timeout=600)
+    st = read_trainer_state(out / "r" / "checkpoints" / "step_0000006")
+    assert st["world_size"] == 2 and st["step"] == 6 and st["micro_step"] == 6 * 2 and st["samples_seen"] == 6 * 2 * 2
+    steps = [r["step"] for r in read_metrics(out / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (out / "r" / "export" / "ultrashape.pt").is_file()

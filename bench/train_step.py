@@ -1,15 +1,18 @@
 """One full fine-tuning step at the official sizes: time, TFLOP/s, peak memory, and where the time goes.
 
-    python bench/train_step.py                                   # 1 GPU, configs/train_dit_refine.yaml sizes
-    python bench/train_step.py --attn cudnn --compile kernels    # variants (see --help)
+    python bench/train_step.py                                   # 1 GPU, configs/train_dit_refine.yaml as shipped
+    python bench/train_step.py --accum 4                         # the config's 4 micro-batches per step
+    python bench/train_step.py --set deepspeed.precision=autocast --no-fold   # variants (see --help)
     deepspeed --num_gpus 2 bench/train_step.py --zero 3          # data-parallel: per-GPU step time and memory
     python bench/train_step.py --config configs/train_dit_refine-tiny.yaml --steps 3   # CPU smoke run
 
-A step is what ml.training does per optimizer step with grad_accum 1 and micro-batch 1: frozen VAE encode of
+A step is what ml.training does per optimizer step (micro-batch 1, --accum micro-batches): frozen VAE encode of
 163,840 surface points (-> 8,192 tokens), frozen DINOv2-L on a 1022 px view (5,330 tokens), DiT forward and
-backward under DeepSpeed (bf16, ZeRO), gradient clipping and AdamW. The code path is ml.training's own
-(TrainModels.loss, build_engine); only the sample is synthetic (a noisy sphere and a full-frame view, so every
-one of the 8,192 tokens and 5,330 image tokens is used: the official worst case). Weights are random.
+backward under DeepSpeed, gradient clipping and the optimizer. The code path is ml.training's own (TrainModels,
+build_engine, optimizer_step, StepRunner); only the sample is synthetic (a noisy sphere and a full-frame view, so
+every one of the 8,192 tokens and 5,330 image tokens is used: the official worst case). Weights are random.
+Printed: the phases of one step timed one by one (each waits for the last), then the trainer's loop -- StepRunner
+steps back to back on the wall clock, serial and with the encoders overlapped -- which is what a run gets.
 """
 
 from __future__ import annotations

@@ -94,13 +94,16 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def param_groups(params: list[nn.Parameter], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases and 1-D scales (the official no_decay list)."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     o = cfg.optim
-    # No weight decay on norms, biases and 1-D scales: the usual AdamW practice (official no_decay list).
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = param_groups(params, cfg)
     kw: dict[str, Any] = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     if torch.cuda.is_available():
         kw["fused"] = True  # one kernel over all tensors
@@ -119,14 +122,12 @@ def build_master_optimizer(model: nn.Module, params: list[nn.Parameter], cfg: Tr
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device, torch.bfloat16)  # before the optimizer: its flat buffers take over the weights' storage
     o = cfg.optim
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     # bf16 gradients lose nothing against autocast's for one micro-batch (its weight gradients come out of bf16
     # matmuls too); a sum over micro-batches or ranks is exact only in fp32 (deepspeed.grad_accum_dtype)
     summed = cfg.train.grad_accum > 1 or world_size > 1
     grad_dtype = torch.float32 if summed and cfg.deepspeed.grad_accum_dtype == "fp32" else torch.bfloat16
-    return MasterAdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                       weight_decay=0.0, grad_dtype=grad_dtype)
+    return MasterAdamW(param_groups(params, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=0.0,
+                       grad_dtype=grad_dtype)
 
 
 def init_distributed(cfg: TrainConfig) -> tuple[int, int, int]:
@@ -201,8 +202,7 @@ def clip_gradients(engine, cfg: TrainConfig) -> torch.Tensor | None:
         opt.all_reduce_grads()  # several ranks: a SUM, the 1/world_size is folded into the update and the norm
         norm = opt.grad_norm()
         if cfg.optim.grad_clip > 0:
-            opt.grad_scale = torch.clamp((norm + 1e-6) / cfg.optim.grad_clip, min=1.0).reshape(1)
-            opt.grad_scale_norm = norm
+            opt.grad_scale, opt.grad_scale_norm = clip_divisor(norm, cfg.optim.grad_clip), norm
         return norm
     params = [p for p in engine.module.parameters() if p.grad is not None]
     if not params:
@@ -225,9 +225,14 @@ def fold_clip(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: 
     if not fused or getattr(opt, "grad_scale", None) is not None:
         return None
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0).reshape(1)
+    scale = clip_divisor(norm, max_norm)
     opt.grad_scale, opt.grad_scale_norm = scale, norm
     return scale
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)) as the divisor an optimizer's grad_scale takes."""
+    return torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0).reshape(1)
 
 
 def optimizer_step(engine, cfg: TrainConfig) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ml.models.checkpoint import UltraShapeModels, build_models as _build, load_checkpoint, materialize
 from ml.models.flow_matching import flow_matching_loss
 from ml.training.config import TrainConfig
+from ml.training.engine import optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,6 @@ class StepRunner:
     def step(self, draw_ahead: bool, count_flops: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step of train.grad_accum micro-batches. draw_ahead: also prepare the next step's first
         micro-batch. Returns (sum of the micro-batch losses, pre-clip global gradient norm or None), unsynced."""
-        from ml.training.engine import optimizer_step
-
         gas = self.cfg.train.grad_accum
         total, norm = None, None
         for m in range(gas):

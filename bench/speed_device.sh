@@ -145,6 +145,25 @@ call13)  # 2 H100s: the shipped config under `deepspeed --num_gpus 2` (ZeRO-0, b
 call14)  # one H100: the GPU-only tests (overlap parity, MasterAdamW's Triton kernel, a bf16 run resumed on CUDA)
   python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -15
   ;;
+call15)  # one H100 standing in for a 48 GB A40 (allocator capped at 44 GiB, what an A40 leaves after its CUDA
+  # context): which small-card setups fit at the official sizes, their peak memory and (H100) time; full fine-tuning
+  # under the same cap as the control that the cap bites. First the GPU tests (LoRA + bf16 on CUDA among them).
+  python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -6
+  C="--mem-cap-gib 44 --steps 4 --warmup 2 --accum 4"
+  ts 0 a40cap-lora-zero0-bf16 $C --lora
+  ts 0 a40cap-full-zero0-bf16 $C --steps 2 --warmup 1
+  [ "$SECONDS" -lt "${CALL_BUDGET_S:-100000}" ] && ts 0 a40cap-lora-zero2-bf16 $C --lora --zero 2
+  grep -h "OutOfMemory\|out of memory" "$OUT"/ts_a40cap-full*.log | head -2 | cut -c1-300
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
+call16)  # one H100 capped as an A40 (44 GiB): ZeRO-Offload (optimizer on the CPU, DeepSpeed's CPU Adam built on
+  # first use) for full fine-tuning, with 10 blocks recomputed and without
+  C="--mem-cap-gib 44 --steps 3 --warmup 2 --accum 4 --offload --zero 2"
+  ts 0 a40cap-offload-zero2-ackpt10 $C --act-ckpt 10
+  ts 0 a40cap-offload-zero2 $C
+  free -g | head -2
+  cat "$OUT"/ts_*.log > "$OUT/steps_all.txt"; rm -f "$OUT"/ts_*.log
+  ;;
 call11)  # one H100: the real trainer (python -m ml.training, configs/train_dit_refine.yaml as shipped) on synthetic
   # samples of the official size (163,840 points; renders resized to 1022 px): what metrics.jsonl reports
   python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests/ml/training')

@@ -98,6 +98,9 @@ def main(argv=None) -> int:
                     help="also torch.compile the frozen DINOv2 (fixed image size: one graph); a probe, not a config key")
     ap.add_argument("--no-fold", action="store_true",
                     help="clip in its own pass instead of inside the fused AdamW (the first session's way)")
+    ap.add_argument("--mem-cap-gib", type=float, default=None, metavar="GIB",
+                    help="cap this process's CUDA allocator (torch.cuda.set_per_process_memory_fraction), e.g. 44 "
+                         "for what a 48 GB A40 leaves after its CUDA context: does a setup fit a smaller card")
     ap.add_argument("--label", default="", help="name of this variant in the output")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after the timed steps, run 2 more under torch.profiler and write the kernel table there")
@@ -134,6 +137,9 @@ def main(argv=None) -> int:
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(1)
+    if cuda and args.mem_cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * 2**30 / total), device)
     t0 = time.time()
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.manual_seed(0)
@@ -219,10 +225,10 @@ def main(argv=None) -> int:
             e2 = ev()
             engine.backward(loss)
             e3 = ev()
-            for _ in range(args.accum - 1):  # the phase timings are of one micro-batch; DeepSpeed must reach its boundary
-                optimizer_step(engine, cfg)
+            for _ in range(args.accum - 1):  # the phases are of the first micro-batch; the others (same inputs, so
+                optimizer_step(engine, cfg)  # no encoders) are timed as one span, up to DeepSpeed's boundary
                 engine.backward(tm.dit_loss(engine, inputs))
-                e3 = ev()
+            e3b = ev()
             optimizer_step(engine, cfg)  # ZeRO-0: clipping (folded into the fused AdamW) + step; ZeRO >= 1: inside
             e4 = ev()
         if cuda:
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
             raise RuntimeError(f"loss is {float(loss)} at step {i}")
         if i >= args.warmup:
             rows.append({"encoders": span(e0, e1), "dit_fwd": span(e1, e2), "dit_bwd": span(e2, e3),
-                         "optimizer": span(e3, e4), "step": span(e0, e4)})
+                         "more_micro": span(e3, e3b), "optimizer": span(e3b, e4), "step": span(e0, e4)})
         if i == args.warmup - 1 and cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -289,6 +295,7 @@ def main(argv=None) -> int:
     if world > 1:
         mems = [None] * world
         dist.all_gather_object(mems, peak_mem)
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None
     ceiling = matmul_tflops(device) if rank == 0 else None
     dit_flops = 3.0 * dit_fwd_flops
     res = {
@@ -301,19 +308,23 @@ def main(argv=None) -> int:
         "loop_step_s_serial": loop_s[False], "loop_step_s_overlap": loop_s[True],
         "loop_s_per_sample_overlap": loop_s[True] / args.accum,
         "step_s": med["step"], "encoders_s": med["encoders"], "dit_fwd_s": med["dit_fwd"], "dit_bwd_s": med["dit_bwd"],
-        "optimizer_s": med["optimizer"], "step_s_min": min(r["step"] for r in rows), "step_s_max": max(r["step"] for r in rows),
+        "more_micro_s": med["more_micro"], "optimizer_s": med["optimizer"], "step_s_min": min(r["step"] for r in rows), "step_s_max": max(r["step"] for r in rows),
         "dit_tflop": dit_flops / 1e12, "encoder_tflop": enc_flops / 1e12,
         "dit_tflops_per_s": dit_flops / (med["dit_fwd"] + med["dit_bwd"]) / 1e12,
         "step_tflops_per_s": (dit_flops + enc_flops) / med["step"] / 1e12,
         "samples_per_s_total": world / med["step"],
-        "peak_mem_gib": mems, "matmul_ceiling_tflops": ceiling, "build_s": build_s, "steps": args.steps,
+        "peak_mem_gib": mems, "peak_reserved_gib": reserved, "mem_cap_gib": args.mem_cap_gib,
+        "trainable_params_b": sum(p.numel() for p in dit.parameters() if p.requires_grad) / 1e9,
+        "matmul_ceiling_tflops": ceiling, "build_s": build_s, "steps": args.steps,
     }
     if rank == 0:
         print(json.dumps(res), flush=True)
         print(f"[{res['label']}] {res['device']} x{world}: step {med['step']:.3f} s (min {res['step_s_min']:.3f}) = "
               f"encoders {med['encoders']:.3f} + DiT fwd {med['dit_fwd']:.3f} + bwd {med['dit_bwd']:.3f} + "
+              + (f"{args.accum - 1} more micro-batches {med['more_micro']:.3f} + " if args.accum > 1 else "") +
               f"optimizer {med['optimizer']:.3f}; DiT {res['dit_tflops_per_s']:.0f} TFLOP/s "
-              f"({res['dit_tflop']:.1f} TFLOP), peak mem {', '.join(f'{m:.1f}' for m in mems if m is not None)} GiB, "
+              f"({res['dit_tflop']:.1f} TFLOP), peak mem {', '.join(f'{m:.1f}' for m in mems if m is not None)} GiB "
+              f"(rank 0 reserved {reserved or 0:.1f}{f', cap {args.mem_cap_gib:g}' if args.mem_cap_gib else ''}), "
               f"matmul ceiling {ceiling or 0:.0f} TFLOP/s", flush=True)
         print(f"[{res['label']}] trainer loop (StepRunner, {args.accum} micro-batch/step): {loop_s[False]:.3f} s/step "
               f"serial, {loop_s[True]:.3f} s/step with the encoders overlapped = "

@@ -102,6 +102,38 @@ def test_bf16_master_weights_resume_on_cuda(tmp_path):
     assert moved > 0, "the export should hold fp32 masters, not bf16 values"
 
 
+def test_lora_with_bf16_master_weights_on_cuda(tmp_path):
+    """LoRA at ZeRO-0 with precision bf16 (MasterAdamW over the adapters only) on the GPU, from a weights file:
+    4 steps with a checkpoint at 2, then the run resumed from it. The export must hold the weights file's frozen
+    tensors bit for bit (the module holds bf16 copies of them), the adapted layers merged and moved, and load
+    strictly (no lora_* keys)."""
+    from ml.config import load_config
+    from ml.models.checkpoint import build_models, load_checkpoint, write_random_checkpoint
+    from ml.training.checkpoint import read_trainer_state
+    from ml.training.config import TrainConfig
+    from training_fixtures import run, train_cmd, write_dataset
+
+    cfg = load_config(TINY, TrainConfig)
+    weights = write_random_checkpoint(cfg.model.arch, tmp_path / "base.pt", seed=7)
+    data = tmp_path / "data"
+    write_dataset(data, n_train=6, n_val=2, n_points=6000)
+    out = tmp_path / "out"
+    common = (f"model.weights={weights}", "model.lora.enabled=true", "deepspeed.zero_stage=0",
+              "deepspeed.precision=bf16", "deepspeed.dist_backend=nccl", "train.max_steps=4", "train.ckpt_every=2",
+              "train.keep_checkpoints=3", "train.val_every=0", "optim.warmup_steps=1", "optim.lr=0.05", "run.run_id=r")
+    run(train_cmd(data, out, *common), timeout=600)
+    p = run(train_cmd(data, out, *common, resume=str(out / "r" / "checkpoints" / "step_0000002")), timeout=600)
+    assert "at step 2" in p.stderr + p.stdout
+    assert read_trainer_state(out / "r" / "checkpoints" / "step_0000004")["step"] == 4
+    models = build_models(cfg.model.arch)
+    load_checkpoint(models, out / "r" / "export" / "ultrashape.pt")  # strict
+    base = torch.load(weights, map_location="cpu", weights_only=True)["dit"]
+    sd = models.dit.state_dict()
+    assert not torch.equal(sd["blocks.0.attn1.to_q.weight"], base["blocks.0.attn1.to_q.weight"])
+    assert torch.equal(sd["x_embedder.weight"], base["x_embedder.weight"])
+    assert not torch.equal(base["x_embedder.weight"], base["x_embedder.weight"].bfloat16().float())  # bf16 would show
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_train_with_the_encoders_overlapped(tmp_path):
     """The shipped multi-GPU path: `deepspeed --num_gpus 2` at ZeRO-0 with bf16 + MasterAdamW over NCCL, the

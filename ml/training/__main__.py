@@ -39,16 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from ml.training.checkpoint import ResumeError
+    from ml.training.checkpoint import DiskSpaceError, ResumeError
     from ml.training.data import DatasetLayoutError
     from ml.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, args.config, args.resume, ["-m", "ml.training"] + argv)
-    except (ConfigError, ResumeError, DatasetLayoutError) as e:  # user errors: the message says the fix
+    except (ConfigError, ResumeError, DatasetLayoutError, DiskSpaceError) as e:  # user errors: the message says the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = trainer.fit()
+    try:
+        run_dir = trainer.fit()
+    except DiskSpaceError as e:  # the last checkpoint is intact; the message says how to make room
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if trainer.interrupted:
         if trainer.is_main:
             print(f"stopped by signal {trainer.interrupted} at step {trainer.step}: {run_dir} (resume with --resume)")

@@ -14,6 +14,7 @@ replaces `latest` (write temp + os.replace). A kill at any moment leaves either 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,9 +38,142 @@ class ResumeError(RuntimeError):
     """--resume cannot find or use a checkpoint."""
 
 
+class DiskSpaceError(RuntimeError):
+    """No room for a checkpoint or the export; the message says what is free, what is needed and the way out."""
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a no-op with one rank)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk space: a checkpoint of the full-size model is ~43 GB; finding out at step 3,000 that the volume is full
+# wastes the GPU hours since the last one.
+# ------------------------------------------------------------------------------------------------
+
+GB = 1e9
+PER_TENSOR = 400  # torch.save's record, alignment and pickled metadata per tensor (measured on the tiny model)
+MARGIN = 1.02  # a checkpoint's size varies a little (pickled metadata); ask for a bit more than the last one
+
+
+def estimate_bytes(engine) -> int:
+    """One checkpoint's size on disk before any is written: the module's tensors as held, plus fp32 Adam moments
+    for every trainable parameter and an fp32 master copy of each trainable one held in a lower precision (DeepSpeed's
+    bf16 optimizers, MasterAdamW). DeepSpeed's ZeRO optimizers keep (and save) a flat fp32 copy of their partition
+    even over fp32 weights. ZeRO-3 (partitioned module tensors are not saved whole) comes out a little high."""
+    zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    total = 0
+    for p in engine.module.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n * p.element_size() + PER_TENSOR
+        if p.requires_grad:
+            total += n * (8 if p.dtype == torch.float32 and zero == 0 else 12) + 3 * PER_TENSOR
+    for b in engine.module.buffers():
+        total += b.numel() * b.element_size() + PER_TENSOR
+    return total
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _steps(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{7}", p.name))
+
+
+def _drop(step: Path) -> None:
+    shutil.rmtree(step, ignore_errors=True)
+    shutil.rmtree(step.with_name(step.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def checkpoint_need(ckpt_dir: Path, estimate: int) -> int:
+    """Bytes to ask for before the next checkpoint: the newest one's real size, or the estimate before the first."""
+    steps = _steps(ckpt_dir)
+    size = dir_bytes(steps[-1]) if steps else estimate
+    return int(size * MARGIN) + (64 << 10)
+
+
+def make_room(ckpt_dir: Path, need: int, what: str) -> str | None:
+    """Rank 0, before writing `need` bytes under ckpt_dir. Leftovers of killed saves go first, then, oldest first,
+    checkpoints other than the newest (progress beats keep_checkpoints; each one dropped early is logged). Returns
+    None when there is room, else the error text."""
+    free = free_bytes(ckpt_dir)
+    if free >= need:
+        return None
+    if ckpt_dir.is_dir():
+        for tmp in ckpt_dir.glob(".tmp-step_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        steps = _steps(ckpt_dir)
+        for old in steps[:-1]:
+            free = free_bytes(ckpt_dir)
+            if free >= need:
+                break
+            log.warning("disk: %.1f GB free under %s, %s needs ~%.1f GB: deleting the older checkpoint %s early "
+                        "(train.keep_checkpoints gives way)", free / GB, ckpt_dir, what, need / GB, old.name)
+            _drop(old)
+    free = free_bytes(ckpt_dir)
+    if free >= need:
+        return None
+    latest = latest_in(ckpt_dir.parent) if (ckpt_dir / "latest").is_file() else None
+    kept = (f"The last checkpoint, {latest}, is intact: free space, then continue with --resume."
+            if latest is not None else "No checkpoint has been written yet.")
+    return (f"{ckpt_dir}: {free / GB:.1f} GB free, {what} needs ~{need / GB:.1f} GB. {kept} For more room: delete "
+            f"old runs under {ckpt_dir.parent.parent}, or raise the volume (networkVolumeGb / volumeGb in "
+            f"Pulumi.<stack>.yaml), or point run.output_dir at a larger disk.")
+
+
+def _disk_full(e: BaseException, ckpt_dir: Path) -> bool:
+    """Did a write fail for want of space? torch.save reports it as a RuntimeError ('file write failed') with no
+    errno, so a nearly full disk after the failure counts too."""
+    x: BaseException | None = e
+    while x is not None:
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        x = x.__cause__ or x.__context__
+    try:
+        return free_bytes(ckpt_dir) < (256 << 20)
+    except OSError:
+        return False
+
+
+def preflight(ckpt_dir: Path, estimate: int, keep: int, export_bytes: int) -> str | None:
+    """Rank 0, before training: an error text when not even one checkpoint fits (counting what make_room could free
+    in this run), else None; a warning when keep_checkpoints + 1 (the one being written) and the export do not."""
+    steps = _steps(ckpt_dir) if ckpt_dir.is_dir() else []
+    reclaimable = sum(dir_bytes(s) for s in steps[:-1])
+    free = free_bytes(ckpt_dir)
+    need = checkpoint_need(ckpt_dir, estimate)
+    if free + reclaimable < need:
+        return (f"{ckpt_dir}: {free / GB:.1f} GB free, one checkpoint of this run needs ~{need / GB:.1f} GB, so none "
+                f"could be written (nothing has been trained yet). For more room: delete old runs under "
+                f"{ckpt_dir.parent.parent}, raise the volume (networkVolumeGb / volumeGb in Pulumi.<stack>.yaml), or "
+                f"point run.output_dir at a larger disk.")
+    held = sum(dir_bytes(s) for s in steps)
+    want = need * (keep + 1) + export_bytes - held
+    if free < want:
+        log.warning("disk: %.1f GB free under %s; %d checkpoints of ~%.1f GB (train.keep_checkpoints=%d, plus the one "
+                    "being written) and the export (~%.1f GB) need ~%.1f GB more: older checkpoints will be deleted "
+                    "early to make room", free / GB, ckpt_dir, keep + 1, need / GB, keep, export_bytes / GB,
+                    want / GB)
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -66,19 +200,41 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int, rank: int) -> Path:
-    """Collective: every rank must call it. Returns the final folder."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int, rank: int,
+         need: int | None = None) -> Path:
+    """Collective: every rank must call it. Returns the final folder. With `need` (bytes; see checkpoint_need)
+    rank 0 first makes room or, when it cannot, every rank raises DiskSpaceError before writing anything; a write
+    that still runs out of space removes its partial folder and raises DiskSpaceError. `latest` stays loadable."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tag = TAG_FMT.format(step)
     tmp_tag = f".tmp-{tag}"
     final, tmp = ckpt_dir / tag, ckpt_dir / tmp_tag
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed while saving
-    _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:  # a small readable copy of the trainer state, for status tools and humans
-        write_json(tmp / "trainer_state.json", client_state)
+    verdict = None
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while saving
+        if need:
+            verdict = make_room(ckpt_dir, need, f"checkpoint {tag}")
+    verdict = broadcast_from_rank0(verdict)
+    if verdict:
+        raise DiskSpaceError(verdict)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:  # a small readable copy of the trainer state, for status tools and humans
+            write_json(tmp / "trainer_state.json", client_state)
+    except Exception as e:
+        if not _disk_full(e, ckpt_dir):
+            raise
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = latest_in(ckpt_dir.parent)
+        raise DiskSpaceError(
+            f"{ckpt_dir}: the disk filled up while checkpoint {tag} was written ({e}); its partial folder is removed. "
+            + (f"The last checkpoint, {latest}, is intact: free space, then continue with --resume."
+               if latest is not None else "No checkpoint has been written yet.")
+            + " For more room: raise the volume (networkVolumeGb / volumeGb in Pulumi.<stack>.yaml), lower "
+              "train.keep_checkpoints, or point run.output_dir at a larger disk.") from e
     _barrier()
     if rank == 0:
         _fsync_tree(tmp)
@@ -113,11 +269,10 @@ def _fsync_tree(d: Path) -> None:
 
 
 def _prune(ckpt_dir: Path, keep: int, protect: str) -> None:
-    steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{7}", p.name))
+    steps = _steps(ckpt_dir)
     for p in steps[: max(len(steps) - keep, 0)]:
         if p.name != protect:
-            shutil.rmtree(p, ignore_errors=True)
-            shutil.rmtree(p.with_name(p.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+            _drop(p)
 
 
 def latest_in(run_dir: Path) -> Path | None:

@@ -46,14 +46,6 @@ def _all_sum(x: float, device: torch.device) -> float:
     return float(x)
 
 
-def _broadcast_obj(obj: Any) -> Any:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
 def _get(d: dict, dotted: str) -> Any:
     for p in dotted.split("."):
         d = d.get(p, {}) if isinstance(d, dict) else {}
@@ -112,7 +104,7 @@ class Trainer:
             if rid is None and self.is_main:
                 stem = config_path.stem if config_path else "run"
                 rid = f"{stem}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
-            rid = _broadcast_obj(rid)
+            rid = ckpt.broadcast_from_rank0(rid)
             run_dir = cfg.run.output_dir / rid
             if self.is_main and (run_dir / "checkpoints" / "latest").exists():
                 raise ConfigError(f"{run_dir} already has checkpoints: pass --resume to continue it, or another run.run_id")
@@ -160,6 +152,19 @@ class Trainer:
             # ZeRO cuts the optimizer state per rank; without ZeRO every rank saved (rank 0 wrote) all of it
             universal = ckpt.ensure_universal(self.resume_dir, self.rank)
         self.engine = build_engine(dit, cfg, self.world, load_universal=universal is not None)
+        self.ckpt_estimate = ckpt.estimate_bytes(self.engine)
+        # the export: every network's weights in train.export_dtype (LoRA adapters are merged away)
+        width = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.train.export_dtype]
+        self.export_estimate = width * sum(
+            p.numel() for part in (self.models.vae, dit, self.models.conditioner)
+            for n, p in part.named_parameters() if "lora_" not in n) if cfg.train.export else 0
+        verdict = None
+        if self.is_main:
+            verdict = ckpt.preflight(run_dir / "checkpoints", self.ckpt_estimate, cfg.train.keep_checkpoints,
+                                     self.export_estimate)
+        verdict = ckpt.broadcast_from_rank0(verdict)
+        if verdict:
+            raise ckpt.DiskSpaceError(verdict)
 
         # ---- data
         t = cfg.train
@@ -315,6 +320,13 @@ class Trainer:
         if t.export:
             from ml.training.export import export_run
 
+            verdict = None
+            if self.is_main:
+                verdict = ckpt.make_room(self.run_dir / "checkpoints", int(self.export_estimate * ckpt.MARGIN),
+                                         "the export")
+            verdict = ckpt.broadcast_from_rank0(verdict)
+            if verdict:
+                raise ckpt.DiskSpaceError(verdict + " (--resume of this run then only exports)")
             export_run(self)
         if self.is_main and cfg.logging.loss_curve:
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", cfg.run.run_id)
@@ -381,8 +393,10 @@ class Trainer:
                  "samples_seen": self.samples_seen,
                  "broken_samples": len(self.broken_uids), "broken_uids": sorted(self.broken_uids.uids),
                  "elapsed_s": self.elapsed, "run_id": self.cfg.run.run_id,
-                 "time": time.time()}
-        p = ckpt.save(self.engine, self.run_dir / "checkpoints", self.step, state, self.cfg.train.keep_checkpoints, self.rank)
+                 "checkpoint_bytes_estimate": self.ckpt_estimate, "time": time.time()}
+        ck = self.run_dir / "checkpoints"
+        need = ckpt.checkpoint_need(ck, self.ckpt_estimate) if self.is_main else None
+        p = ckpt.save(self.engine, ck, self.step, state, self.cfg.train.keep_checkpoints, self.rank, need=need)
         if self.is_main:
             log.info("checkpoint %s", p)
         return p

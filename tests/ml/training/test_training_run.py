@@ -255,6 +255,7 @@ def test_lora_run_exports_the_released_key_set(synthetic, tmp_path, precision):
     cfg = load_config(ROOT / "configs" / "train_dit_refine-tiny.yaml", TrainConfig)
     models = build_models(cfg.model.arch)
     load_checkpoint(models, out / "r" / "export" / "ultrashape.pt")  # strict: no lora_* keys, nothing missing
+    _estimate_covers(out / "r" / "checkpoints" / "step_0000003")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         init = build_models(cfg.model.arch).dit.state_dict()
@@ -262,6 +263,15 @@ def test_lora_run_exports_the_released_key_set(synthetic, tmp_path, precision):
     # adapted layers moved, the rest (frozen under LoRA) is exactly the starting point
     assert not torch.equal(sd["blocks.0.attn1.to_q.weight"], init["blocks.0.attn1.to_q.weight"])
     assert torch.equal(sd["x_embedder.weight"], init["x_embedder.weight"])
+
+
+def _estimate_covers(step_dir: Path) -> None:
+    """The room asked for before a run's first checkpoint (checkpoint.estimate_bytes, kept in trainer_state.json)
+    must not fall short of what was written, nor ask for much more."""
+    from ml.training.checkpoint import dir_bytes, read_trainer_state
+
+    est, real = read_trainer_state(step_dir)["checkpoint_bytes_estimate"], dir_bytes(step_dir)
+    assert real <= est <= 1.2 * real, (est, real)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(synthetic, tmp_path):
@@ -274,6 +284,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(synthetic, tmp_path):
     last = [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"][-1]
     latest = (out / "r" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{last:07d}" and last < 500  # the step it stopped at, not a ckpt_every multiple
+    _estimate_covers(out / "r" / "checkpoints" / latest)
     assert "resume with --resume" in stdout
 
 
@@ -320,3 +331,20 @@ def test_a_broken_sample_counts_once_over_epochs_and_broken_val_samples_not_at_a
     m = [r for r in read_metrics(rd / "metrics.jsonl") if r["kind"] == "train"]
     assert m[-1]["step"] == 14 and m[-1]["broken_samples"] == 1
     assert read_trainer_state(rd / "checkpoints" / "step_0000014")["broken_uids"] == [uids[1]]
+
+
+def test_a_disk_without_room_for_one_checkpoint_stops_before_training(synthetic, tmp_path):
+    """The volume is checked before any GPU time is spent: the filesystem reports 1 MB free (shutil.disk_usage
+    patched in the child, as a full volume would answer) and one checkpoint of the tiny run needs ~6 MB."""
+    script = ("import shutil, sys\nreal = shutil.disk_usage\n"
+              "shutil.disk_usage = lambda p: real(p)._replace(free=1_000_000)\n"
+              "from ml.training.__main__ import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    cmd = train_cmd(synthetic, out, "train.max_steps=2", "train.val_every=0", "optim.warmup_steps=1", "run.run_id=r")
+    p = subprocess.run([cmd[0], "-c", script, *cmd[3:]], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "error:" in p.stderr and "0.0 GB free" in p.stderr and "Traceback" not in p.stderr
+    assert "nothing has been trained yet" in p.stderr and str(out / "r" / "checkpoints") in p.stderr
+    metrics = out / "r" / "metrics.jsonl"
+    assert not metrics.exists() or not [r for r in read_metrics(metrics) if r["kind"] == "train"]

@@ -82,6 +82,7 @@ class Run:
     unattended_job_ends: int = 2  # jobs that finish with nobody watching (processing, training)
     volume_extra_gb: float = 0.0  # checkpoints and logs kept on the volume for this run
     kit_step_time_s: Optional[float] = None  # ml.training's measured step on this GPU (None: not measured)
+    kit_volume_extra_gb: Optional[float] = None  # ml.training's checkpoints + export at their peak (None: as above)
 
 
 @dataclass
@@ -217,7 +218,7 @@ def plan_cost(cfg: CostModelConfig, sc: Scenario) -> list[CostLine]:
             # Seed: each pod has its own volume sized for its own data, billed at the running rate while the pod
             # runs and at the (double) stopped rate for the rest of the project.
             gb = (_gb(run.meshes, w.raw_mb_per_mesh + w.processed_mb_per_mesh) + w.weights_gb + w.env_gb
-                  + run.volume_extra_gb)
+                  + _extra_gb(run, sc.kit_training))
             running = gb * p.pod_volume_running_usd_per_gb_month * run_h / p.hours_per_month
             stopped = gb * p.pod_volume_stopped_usd_per_gb_month * max(0.0, project_h - run_h) / p.hours_per_month
             lines.append(CostLine(f"{run.name}: pod volume {gb:.0f} GB, {w.project_months:g} month", 0.0,
@@ -227,11 +228,16 @@ def plan_cost(cfg: CostModelConfig, sc: Scenario) -> list[CostLine]:
         set_up = True
     if sc.shared_volume:
         gb = (_gb(uploaded, w.raw_mb_per_mesh + w.processed_mb_per_mesh) + w.weights_gb + w.env_gb
-              + sum(r.volume_extra_gb for r in cfg.runs))
+              + sum(_extra_gb(r, sc.kit_training) for r in cfg.runs))
         usd = p.network_volume_month(gb) * w.project_months
         lines.append(CostLine(f"one network volume {gb:.0f} GB, {w.project_months:g} month", 0.0,
                               f"${usd / max(gb * w.project_months, 1e-9):.2f}/GB-month", usd))
     return lines
+
+
+def _extra_gb(run: Run, kit: bool) -> float:
+    """A run's checkpoints and logs on the volume: the kit trainer's own figure once the kit trains."""
+    return run.kit_volume_extra_gb if (kit and run.kit_volume_extra_gb is not None) else run.volume_extra_gb
 
 
 def total(lines: list[CostLine]) -> float:
@@ -404,7 +410,7 @@ def estimate_run(
                else volume_gb * cfg.prices.pod_volume_stopped_usd_per_gb_month)
     vcpus = cfg.prices.gpu_pod_vcpus.get(gpu, 8)
     w = cfg.workload
-    ckpt_gb = max((r.volume_extra_gb for r in cfg.runs if r.gpu == gpu), default=0.0)
+    ckpt_gb = max((_extra_gb(r, True) for r in cfg.runs if r.gpu == gpu), default=0.0)
     needed = meshes * (w.raw_mb_per_mesh + w.processed_mb_per_mesh) / 1000.0 + w.weights_gb + w.env_gb + ckpt_gb
     process_h = process_meshes * cfg.workload.kit_processing_cpu_s_per_mesh / vcpus / 3600.0
     overhead = cfg.workload.setup_reused_hours + cfg.kit.autostop_stop_minutes / 60.0

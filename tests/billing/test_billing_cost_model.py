@@ -142,6 +142,27 @@ def test_estimate_run_offline_uses_config_prices_and_step_time(cfg):
     assert any("$/h" in x or "/h" in x for x in e.lines())
 
 
+def test_the_kits_checkpoints_size_the_volume_once_the_kit_trains(cfg):
+    """ml.training's checkpoints (kit_volume_extra_gb) replace the seed's (volume_extra_gb) from the scenario where
+    the kit trains on; fab train --dry-run's room check (needed_gb) uses them."""
+    h100 = next(r for r in cfg.runs if r.gpu == "NVIDIA H100 80GB HBM3")
+    assert h100.kit_volume_extra_gb > h100.volume_extra_gb
+
+    def volume_gb(sc):
+        (line,) = [x for x in plan_cost(cfg, sc) if x.what.startswith("one network volume")]
+        return float(re.search(r"volume (\d+) GB", line.what).group(1))
+
+    before, after = SCENARIOS[2], SCENARIOS[3]
+    assert not before.kit_training and after.kit_training
+    grown = sum(r.kit_volume_extra_gb - r.volume_extra_gb for r in cfg.runs if r.kit_volume_extra_gb is not None)
+    assert volume_gb(after) - volume_gb(before) == pytest.approx(grown, abs=1)
+    e = estimate_run(gpu_ids=["NVIDIA H100 80GB HBM3"], meshes=100, steps=10, volume_gb=200, network_volume=True,
+                     cfg=cfg)
+    w = cfg.workload
+    assert e.needed_gb == pytest.approx(100 * (w.raw_mb_per_mesh + w.processed_mb_per_mesh) / 1000 + w.weights_gb
+                                        + w.env_gb + h100.kit_volume_extra_gb)
+
+
 def test_estimate_run_unknown_gpu_names_the_fix(cfg):
     with pytest.raises(CostError, match="prices.gpu_usd_per_hour"):
         estimate_run(gpu_ids=["NVIDIA B200"], meshes=1, steps=1, volume_gb=10, network_volume=False, cfg=cfg)

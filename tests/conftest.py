@@ -13,6 +13,25 @@ CORPUS = Path(os.environ.get("ULTRASHAPE_CORPUS", ROOT.parent / "shared" / "corp
 EXAMPLES = ROOT / "examples"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_tmpdir(tmp_path_factory):
+    """Temp files of the code under test (and of the processes it starts) go under pytest's own base folder, which
+    pytest prunes, rather than piling up in /tmp: e.g. each watchdog test leaves its job's empty lock file."""
+    import tempfile
+
+    d = tmp_path_factory.getbasetemp() / "tmp"
+    d.mkdir(exist_ok=True)
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(d)
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    yield d
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -278,6 +278,35 @@ def latest_run(t: Target) -> str | None:
     return line.split("/")[0] if line else None
 
 
+def disk_lines(t: Target, run: str | None) -> list[str]:
+    """Free space where the runs are written, and the run's last checkpoint: whether the next one fits (when it does
+    not, ml.training drops older checkpoints early, or stops with the last one intact)."""
+    cmd = f"df -Pk {shlex.quote(t.root)} 2>/dev/null | tail -n 1"
+    if run:
+        ck = shlex.quote(t.path(OUTPUTS, run, "checkpoints"))
+        cmd += f'; cd {ck} 2>/dev/null && d=$(head -n 1 latest 2>/dev/null) && [ -d "$d" ] && du -sk "$d"'
+    return disk_report(t.run(cmd, check=False).stdout, t.root)
+
+
+def disk_report(text: str, where: str) -> list[str]:
+    """disk_lines' reading of `df -Pk` (its last line) and, if any, `du -sk <last checkpoint>`."""
+    lines = text.strip().splitlines()
+    try:
+        fields = lines[0].split()
+        total, free = int(fields[1]) * 1024, int(fields[3]) * 1024
+    except (IndexError, ValueError):
+        return ["  disk: unknown (df failed)"]
+    out = f"  disk: {free / 1e9:.1f} GB free of {total / 1e9:.0f} GB ({where})"
+    if len(lines) > 1:
+        kb, name = lines[1].split(None, 1)
+        size = int(kb) * 1024
+        out += f"; last checkpoint {name} {size / 1e9:.1f} GB"
+        if free < size * 1.02:
+            return [out, "  disk: less than one checkpoint free: the next one deletes older checkpoints early, or "
+                         "stops the run (the last one stays); free space or raise networkVolumeGb / volumeGb"]
+    return [out]
+
+
 def last_metrics(t: Target, run: str) -> tuple[dict | None, dict | None]:
     """(last train line, last val line) of outputs/<run>/metrics.jsonl."""
     q = shlex.quote(t.path(OUTPUTS, run, "metrics.jsonl"))

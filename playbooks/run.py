@@ -17,6 +17,7 @@ from playbooks.common import (
     OUTPUTS,
     STACK_HELP,
     config_path,
+    disk_lines,
     fmt_duration,
     follow_job,
     last_metrics,
@@ -173,6 +174,7 @@ def status_lines(t: Target) -> None:
     run = latest_run(t)
     if not run:
         print("training: no run yet")
+        print("\n".join(disk_lines(t, None)))
         return
     tr, val = last_metrics(t, run)
     st = jobs.state(t, "train")
@@ -186,6 +188,7 @@ def status_lines(t: Target) -> None:
     else:
         print(f"training: {run}: no step logged yet")
     print(f"  job: {st.state}" + (f" (exit {st.exit_code})" if st.exit_code is not None else ""))
+    print("\n".join(disk_lines(t, run)))
 
 
 def gpu_lines(t: Target) -> list[str]:

@@ -125,6 +125,7 @@ def test_playbooks_setup_sync_status_teardown(world, tmp_path):
 
     r = fab(world, "status", "--stack", STACK)
     assert f"pod {pod_id} RUNNING" in r.stdout, r.stdout
+    assert "GB free of" in r.stdout and "(/workspace)" in r.stdout, r.stdout  # df on the pod, over SSH
 
     r = fab(world, "teardown", "--stack", STACK)
     assert "stopped" in r.stdout

@@ -64,6 +64,17 @@ def test_playbooks_local_train_status_fetch_infer(env, tmp_path):
 
     r = fab(env, "status")
     assert "step 4/4" in r.stdout
+    # the volume's free space and the run's last checkpoint (written at step 4), as df and du see them
+    import re
+    import shutil
+
+    m = re.search(r"disk: ([\d.]+) GB free of (\d+) GB \(.*\); last checkpoint step_0000004 ([\d.]+) GB", r.stdout)
+    assert m, r.stdout
+    from ml.training.checkpoint import dir_bytes
+
+    ck = runs[0].parent / "checkpoints" / "step_0000004"
+    assert abs(float(m.group(3)) - dir_bytes(ck) / 1e9) < 0.05 + 0.1 * dir_bytes(ck) / 1e9
+    assert abs(float(m.group(1)) - shutil.disk_usage(ws).free / 1e9) < 5  # other processes write meanwhile
     r = fab(env, "logs", "--lines", "5")
     assert "[train: done, exit 0]" in r.stdout
 

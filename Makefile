@@ -1,5 +1,6 @@
 # One command per step. `make test` and `make demo` set everything up from nothing.
-#   make setup   - system packages (sshd, rsync, tmux) and the .venv with every extra
+#   make setup   - system packages (sshd, rsync, tmux; g++ and ninja for torch.compile and DeepSpeed's CPU Adam)
+#                  and the .venv with every extra
 #   make test    - the whole test suite on CPU (what CI runs through .ci/run)
 #   make demo    - the whole chain on this machine: process -> train (tiny) -> refine
 SHELL := /bin/bash
@@ -15,9 +16,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 setup: sysdeps venv
 
 sysdeps:
-	@if ! command -v sshd >/dev/null || ! command -v rsync >/dev/null || ! command -v tmux >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync tmux; \
-	  else echo "need openssh-server, rsync and tmux: sudo apt-get install openssh-server rsync tmux"; exit 1; fi; fi
+	@if ! command -v sshd >/dev/null || ! command -v rsync >/dev/null || ! command -v tmux >/dev/null \
+	    || ! command -v g++ >/dev/null || ! command -v ninja >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync tmux g++ ninja-build; \
+	  else echo "need openssh-server, rsync, tmux, g++ and ninja: sudo apt-get install openssh-server rsync tmux g++ ninja-build"; exit 1; fi; fi
 
 venv: $(STAMP)
 

@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     from ml.models.checkpoint import build_models
     import ml.training.engine as E
     from ml.training.engine import (apply_lora, build_engine, compile_blocks, enable_activation_checkpointing,
-                                    init_distributed, make_graph_static, optimizer_step)
+                                    init_distributed, make_graph_static, needs_static_graph,
+                                    optimizer_step)
     from ml.training.step import StepRunner, TrainModels
 
     if args.no_fold:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     dit = tm.dit
     if cfg.model.lora.enabled:
         apply_lora(dit, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
-    if world > 1:
+    if needs_static_graph(cfg, world):
         make_graph_static(dit)
     for blk in dit.blocks:
         if blk.use_moe:

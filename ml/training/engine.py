@@ -337,6 +337,18 @@ def merge_lora_tensors(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 
 # ----------------------------------------------------------------------------- data parallelism: a static graph
+def needs_static_graph(cfg: TrainConfig, world_size: int) -> bool:
+    """Whether every trainable parameter must get a gradient in every micro-batch (make_graph_static).
+
+    Several ranks: for the collectives (below). One rank, ZeRO-3 or an offloaded optimizer: DeepSpeed 0.19.8 mixes
+    up the gradients of parameters a micro-batch leaves unused (an MoE expert routed no token, the cross-attention
+    of a CFG-dropped sample) when it accumulates over micro-batches; seen on CPU with the tiny model, whose third
+    optimizer step got a 7 % larger gradient norm than the same step resumed from a checkpoint in a fresh
+    process, and than ZeRO-0/1/2 (tests/ml/training/test_training_offload.py)."""
+    d = cfg.deepspeed
+    return world_size > 1 or d.zero_stage == 3 or d.offload_optimizer
+
+
 def make_graph_static(model: nn.Module) -> int:
     """Under ZeRO with several ranks, every trainable parameter must take part in every forward, or the ranks'
     gradient hooks fire in different orders and the collectives no longer match (gloo: "Received data size

@@ -28,7 +28,7 @@ from ml.training import checkpoint as ckpt
 from ml.training.config import FROZEN_ON_RESUME, TrainConfig
 from ml.training.data import DataOrder, RefineDataset, make_loader, val_batches
 from ml.training.engine import (apply_lora, build_engine, compile_blocks, enable_activation_checkpointing,
-                                init_distributed, make_graph_static)
+                                init_distributed, make_graph_static, needs_static_graph)
 from ml.training.logs import RunLogger, peak_tflops, plot_loss_curve
 
 log = logging.getLogger("ml.training")
@@ -137,7 +137,7 @@ class Trainer:
         if cfg.model.lora.enabled:
             n = apply_lora(dit, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
             log.info("LoRA: adapters on %d linear layers (rank %d)", n, cfg.model.lora.rank)
-        if self.world > 1:
+        if needs_static_graph(cfg, self.world):
             make_graph_static(dit)
         if cfg.model.compile:
             log.info("torch.compile: %d DiT blocks (the first steps compile them)", compile_blocks(dit))

@@ -111,22 +111,30 @@ def checkpoint_need(ckpt_dir: Path, estimate: int) -> int:
     return int(size * MARGIN) + (64 << 10)
 
 
+def _expendable(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first, but the one `latest` names (else the newest)."""
+    steps = _steps(ckpt_dir) if ckpt_dir.is_dir() else []
+    keep = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    keep = keep or (steps[-1].name if steps else None)
+    return [s for s in steps if s.name != keep]
+
+
 def make_room(ckpt_dir: Path, need: int, what: str) -> str | None:
     """Rank 0, before writing `need` bytes under ckpt_dir. Leftovers of killed saves go first, then, oldest first,
-    checkpoints other than the newest (progress beats keep_checkpoints; each one dropped early is logged). Returns
-    None when there is room, else the error text."""
+    checkpoints other than the one `latest` names (the newest, or the step a run was resumed from: newer steps of the
+    abandoned branch go too), so progress beats keep_checkpoints; each one dropped early is logged. Returns None
+    when there is room, else the error text."""
     free = free_bytes(ckpt_dir)
     if free >= need:
         return None
     if ckpt_dir.is_dir():
         for tmp in ckpt_dir.glob(".tmp-step_*"):
             shutil.rmtree(tmp, ignore_errors=True)
-        steps = _steps(ckpt_dir)
-        for old in steps[:-1]:
+        for old in _expendable(ckpt_dir):
             free = free_bytes(ckpt_dir)
             if free >= need:
                 break
-            log.warning("disk: %.1f GB free under %s, %s needs ~%.1f GB: deleting the older checkpoint %s early "
+            log.warning("disk: %.1f GB free under %s, %s needs ~%.1f GB: deleting checkpoint %s early "
                         "(train.keep_checkpoints gives way)", free / GB, ckpt_dir, what, need / GB, old.name)
             _drop(old)
     free = free_bytes(ckpt_dir)
@@ -158,7 +166,7 @@ def preflight(ckpt_dir: Path, estimate: int, keep: int, export_bytes: int) -> st
     """Rank 0, before training: an error text when not even one checkpoint fits (counting what make_room could free
     in this run), else None; a warning when keep_checkpoints + 1 (the one being written) and the export do not."""
     steps = _steps(ckpt_dir) if ckpt_dir.is_dir() else []
-    reclaimable = sum(dir_bytes(s) for s in steps[:-1])
+    reclaimable = sum(dir_bytes(s) for s in _expendable(ckpt_dir))
     free = free_bytes(ckpt_dir)
     need = checkpoint_need(ckpt_dir, estimate)
     if free + reclaimable < need:

@@ -113,7 +113,7 @@ def test_a_full_disk_drops_older_checkpoints_early_rather_than_failing(tmp_path,
         _save_with_room(ck, eng, step)
     assert _steps(ck) == ["step_0000002", "step_0000003"]
     assert (ck / "latest").read_text().strip() == "step_0000003"
-    assert "deleting the older checkpoint step_0000001 early" in caplog.text
+    assert "deleting checkpoint step_0000001 early" in caplog.text
 
 
 def test_no_room_for_one_checkpoint_raises_before_writing_and_keeps_the_last(tmp_path, monkeypatch):
@@ -162,3 +162,15 @@ def test_preflight_refuses_a_disk_without_room_for_one_checkpoint(tmp_path, monk
     caplog.clear()
     disk.quota = 10 * UNIT
     assert ckpt.preflight(ck, estimate=UNIT, keep=2, export_bytes=UNIT) is None and not caplog.text
+
+
+def test_making_room_keeps_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    """Resumed from step 1 while step 2 exists (say, --resume <step_1>): step 1 is what `latest` names and what the
+    run continues from, so the room comes from step 2."""
+    disk = SmallDisk(tmp_path, int(2.5 * UNIT), monkeypatch)
+    ck = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        _save_with_room(ck, QuotaEngine(disk), step)
+    (ck / "latest").write_text("step_0000001\n")
+    _save_with_room(ck, QuotaEngine(disk), 3)
+    assert _steps(ck) == ["step_0000001", "step_0000003"]

@@ -145,7 +145,7 @@ call13)  # 2 H100s: the shipped config under `deepspeed --num_gpus 2` (ZeRO-0, b
 call14)  # one H100: the GPU-only tests (overlap parity, MasterAdamW's Triton kernel, a bf16 run resumed on CUDA)
   python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -15
   ;;
-call15)  # one H100 standing in for a 48 GB A40 (allocator capped at 44 GiB, what an A40 leaves after its CUDA
+call15)  # one H100 standing in for a 48 GB A40 (allocator capped at 44 GiB, a little under what an A40 leaves after its CUDA
   # context): which small-card setups fit at the official sizes, their peak memory and (H100) time; full fine-tuning
   # under the same cap as the control that the cap bites. First the GPU tests (LoRA + bf16 on CUDA among them).
   python3 -m pytest -q -m gpu tests/ml/training -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -6

@@ -71,7 +71,7 @@ def estimate_bytes(engine) -> int:
     for every trainable parameter and an fp32 master copy of each trainable one held in a lower precision (DeepSpeed's
     bf16 optimizers, MasterAdamW). DeepSpeed's ZeRO optimizers keep (and save) a flat fp32 copy of their partition
     even over fp32 weights. ZeRO-3 (partitioned module tensors are not saved whole) comes out a little high."""
-    zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    zero = engine.zero_optimization_stage()
     total = 0
     for p in engine.module.parameters():
         n = int(getattr(p, "ds_numel", p.numel()))
@@ -107,8 +107,29 @@ def _drop(step: Path) -> None:
 def checkpoint_need(ckpt_dir: Path, estimate: int) -> int:
     """Bytes to ask for before the next checkpoint: the newest one's real size, or the estimate before the first."""
     steps = _steps(ckpt_dir)
-    size = dir_bytes(steps[-1]) if steps else estimate
+    return _with_margin(dir_bytes(steps[-1]) if steps else estimate)
+
+
+def _with_margin(size: int) -> int:
     return int(size * MARGIN) + (64 << 10)
+
+
+def _kept(ckpt_dir: Path) -> str:
+    latest = latest_in(ckpt_dir.parent) if (ckpt_dir / "latest").is_file() else None
+    return (f"The last checkpoint, {latest}, is intact: free space, then continue with --resume."
+            if latest is not None else "No checkpoint has been written yet.")
+
+
+def _way_out(ckpt_dir: Path) -> str:
+    return (f"For more room: delete old runs under {ckpt_dir.parent.parent}, lower train.keep_checkpoints, raise the "
+            f"volume (networkVolumeGb / volumeGb in Pulumi.<stack>.yaml), or point run.output_dir at a larger disk.")
+
+
+def refuse_from_rank0(verdict: str | None) -> None:
+    """Collective: raise DiskSpaceError on every rank when rank 0's check (its `verdict`) found no room."""
+    verdict = broadcast_from_rank0(verdict)
+    if verdict:
+        raise DiskSpaceError(verdict)
 
 
 def _expendable(ckpt_dir: Path) -> list[Path]:
@@ -140,12 +161,7 @@ def make_room(ckpt_dir: Path, need: int, what: str) -> str | None:
     free = free_bytes(ckpt_dir)
     if free >= need:
         return None
-    latest = latest_in(ckpt_dir.parent) if (ckpt_dir / "latest").is_file() else None
-    kept = (f"The last checkpoint, {latest}, is intact: free space, then continue with --resume."
-            if latest is not None else "No checkpoint has been written yet.")
-    return (f"{ckpt_dir}: {free / GB:.1f} GB free, {what} needs ~{need / GB:.1f} GB. {kept} For more room: delete "
-            f"old runs under {ckpt_dir.parent.parent}, or raise the volume (networkVolumeGb / volumeGb in "
-            f"Pulumi.<stack>.yaml), or point run.output_dir at a larger disk.")
+    return f"{ckpt_dir}: {free / GB:.1f} GB free, {what} needs ~{need / GB:.1f} GB. {_kept(ckpt_dir)} {_way_out(ckpt_dir)}"
 
 
 def _disk_full(e: BaseException, ckpt_dir: Path) -> bool:
@@ -166,15 +182,14 @@ def preflight(ckpt_dir: Path, estimate: int, keep: int, export_bytes: int) -> st
     """Rank 0, before training: an error text when not even one checkpoint fits (counting what make_room could free
     in this run), else None; a warning when keep_checkpoints + 1 (the one being written) and the export do not."""
     steps = _steps(ckpt_dir) if ckpt_dir.is_dir() else []
-    reclaimable = sum(dir_bytes(s) for s in _expendable(ckpt_dir))
+    sizes = {s.name: dir_bytes(s) for s in steps}  # each checkpoint folder walked once
+    reclaimable = sum(sizes[s.name] for s in _expendable(ckpt_dir))
     free = free_bytes(ckpt_dir)
-    need = checkpoint_need(ckpt_dir, estimate)
+    need = _with_margin(sizes[steps[-1].name] if steps else estimate)  # checkpoint_need without a second walk
     if free + reclaimable < need:
         return (f"{ckpt_dir}: {free / GB:.1f} GB free, one checkpoint of this run needs ~{need / GB:.1f} GB, so none "
-                f"could be written (nothing has been trained yet). For more room: delete old runs under "
-                f"{ckpt_dir.parent.parent}, raise the volume (networkVolumeGb / volumeGb in Pulumi.<stack>.yaml), or "
-                f"point run.output_dir at a larger disk.")
-    held = sum(dir_bytes(s) for s in steps)
+                f"could be written (nothing has been trained yet). {_way_out(ckpt_dir)}")
+    held = sum(sizes.values())
     want = need * (keep + 1) + export_bytes - held
     if free < want:
         log.warning("disk: %.1f GB free under %s; %d checkpoints of ~%.1f GB (train.keep_checkpoints=%d, plus the one "
@@ -223,9 +238,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: 
             shutil.rmtree(tmp)  # left by a run killed while saving
         if need:
             verdict = make_room(ckpt_dir, need, f"checkpoint {tag}")
-    verdict = broadcast_from_rank0(verdict)
-    if verdict:
-        raise DiskSpaceError(verdict)
+    refuse_from_rank0(verdict)
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
@@ -236,13 +249,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: 
             raise
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        latest = latest_in(ckpt_dir.parent)
-        raise DiskSpaceError(
-            f"{ckpt_dir}: the disk filled up while checkpoint {tag} was written ({e}); its partial folder is removed. "
-            + (f"The last checkpoint, {latest}, is intact: free space, then continue with --resume."
-               if latest is not None else "No checkpoint has been written yet.")
-            + " For more room: raise the volume (networkVolumeGb / volumeGb in Pulumi.<stack>.yaml), lower "
-              "train.keep_checkpoints, or point run.output_dir at a larger disk.") from e
+        raise DiskSpaceError(f"{ckpt_dir}: the disk filled up while checkpoint {tag} was written ({e}); its partial "
+                             f"folder is removed. {_kept(ckpt_dir)} {_way_out(ckpt_dir)}") from e
     _barrier()
     if rank == 0:
         _fsync_tree(tmp)

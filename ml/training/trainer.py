@@ -29,6 +29,7 @@ from ml.training.config import FROZEN_ON_RESUME, TrainConfig
 from ml.training.data import DataOrder, RefineDataset, make_loader, val_batches
 from ml.training.engine import (apply_lora, build_engine, compile_blocks, enable_activation_checkpointing,
                                 init_distributed, make_graph_static, needs_static_graph)
+from ml.training.export import DTYPES
 from ml.training.logs import RunLogger, peak_tflops, plot_loss_curve
 
 log = logging.getLogger("ml.training")
@@ -154,17 +155,11 @@ class Trainer:
         self.engine = build_engine(dit, cfg, self.world, load_universal=universal is not None)
         self.ckpt_estimate = ckpt.estimate_bytes(self.engine)
         # the export: every network's weights in train.export_dtype (LoRA adapters are merged away)
-        width = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.train.export_dtype]
-        self.export_estimate = width * sum(
+        self.export_estimate = DTYPES[cfg.train.export_dtype].itemsize * sum(
             p.numel() for part in (self.models.vae, dit, self.models.conditioner)
             for n, p in part.named_parameters() if "lora_" not in n) if cfg.train.export else 0
-        verdict = None
-        if self.is_main:
-            verdict = ckpt.preflight(run_dir / "checkpoints", self.ckpt_estimate, cfg.train.keep_checkpoints,
-                                     self.export_estimate)
-        verdict = ckpt.broadcast_from_rank0(verdict)
-        if verdict:
-            raise ckpt.DiskSpaceError(verdict)
+        ckpt.refuse_from_rank0(ckpt.preflight(run_dir / "checkpoints", self.ckpt_estimate, cfg.train.keep_checkpoints,
+                                              self.export_estimate) if self.is_main else None)
 
         # ---- data
         t = cfg.train
@@ -320,13 +315,9 @@ class Trainer:
         if t.export:
             from ml.training.export import export_run
 
-            verdict = None
-            if self.is_main:
-                verdict = ckpt.make_room(self.run_dir / "checkpoints", int(self.export_estimate * ckpt.MARGIN),
-                                         "the export")
-            verdict = ckpt.broadcast_from_rank0(verdict)
-            if verdict:
-                raise ckpt.DiskSpaceError(verdict + " (--resume of this run then only exports)")
+            ckpt.refuse_from_rank0(ckpt.make_room(self.run_dir / "checkpoints", int(self.export_estimate * ckpt.MARGIN),
+                                                  "the export")
+                                   if self.is_main else None)
             export_run(self)
         if self.is_main and cfg.logging.loss_curve:
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", cfg.run.run_id)
